@@ -1,0 +1,125 @@
+"""``distill``: run the whole service embedded (``up``) or its parts separately (server mode)."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from app.config import get_settings
+
+
+def migrate() -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
+    command.upgrade(config, "head")
+
+
+def worker_command(concurrency: int, beat: bool) -> list[str]:
+    settings = get_settings()
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        str(concurrency),
+    ]
+    if beat:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        command += ["--beat", "--schedule", str((settings.home / "celerybeat-schedule").resolve())]
+    return command
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+
+
+def up(host: str, port: int) -> int:
+    """Migrate, then run the API and one worker (with the recovery schedule) until Ctrl-C."""
+    migrate()
+    processes = [
+        subprocess.Popen(worker_command(concurrency=1, beat=True)),
+        subprocess.Popen(api_command(host, port)),
+    ]
+    print(f"Distill is up: http://{host}:{port}/docs (Ctrl-C stops it)", flush=True)
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(p.poll() is None for p in processes):
+            try:
+                processes[0].wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                continue
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return max(p.returncode or 0 for p in processes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("up", "migrate, then run API and worker together"),
+        ("api", "run the API"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (one per GPU)")
+    p.add_argument("--beat", action="store_true", help="also run the recovery schedule")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    p = sub.add_parser("download", help="download a builtin dataset (needs internet)")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        return up(args.host, args.port)
+    if args.command == "api":
+        os.execv(sys.executable, api_command(args.host, args.port))
+    if args.command == "worker":
+        os.execv(sys.executable, worker_command(args.concurrency, args.beat))
+    if args.command == "migrate":
+        migrate()
+        return 0
+    from app.datasets.builtin import download_fashion_mnist
+
+    target = get_settings().resolved_data_dir / "fashion-mnist"
+    print(f"Downloaded to {download_fashion_mnist(target)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Settings from environment variables (prefix ``DISTILL_``).
+
+With nothing set, Distill runs embedded: a SQLite database, a filesystem Celery broker and a local
+artifact directory, all under ``DISTILL_HOME``. Server mode sets
+``DISTILL_DATABASE_URL`` (PostgreSQL) and ``DISTILL_BROKER_URL`` (Redis).
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+
+    home: Path = Path(".distill")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_dir: Path | None = None
+    data_dir: Path | None = Field(
+        default=None, description="Where builtin datasets are looked up and downloaded to."
+    )
+
+    max_teacher_bytes: int = 1024 * MIB
+    max_dataset_bytes: int = 1024 * MIB
+    max_predict_batch: int = 1024
+
+    job_max_attempts: int = 3
+    job_stale_after_s: int = Field(
+        default=300, description="A running job whose heartbeat is older than this is requeued."
+    )
+    job_time_limit_s: int = 24 * 3600
+    heartbeat_interval_s: float = 2.0
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'distill.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return (self.data_dir or self.home / "data").resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.home / "storage").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,121 @@
+"""Reading and checking an uploaded ``.npz`` dataset without unpickling or unbounded memory."""
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import InvalidDataset
+
+ALLOWED_ARRAYS = {"x", "y", "x_test", "y_test"}
+MAX_CLASSES = 100_000
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_SEED = 0
+
+
+@dataclass(frozen=True)
+class NpzDataset:
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        labels = [self.y] if self.y_test is None else [self.y, self.y_test]
+        return int(max(int(a.max()) for a in labels)) + 1
+
+
+def holdout_test_size(n: int) -> int:
+    return max(1, round(n * HOLDOUT_FRACTION))
+
+
+def holdout_split(
+    x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A fixed-seed 80/20 split, the same for every job on the same data."""
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(x))
+    n_test = holdout_test_size(len(x))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _check_archive(path: Path, max_bytes: int) -> None:
+    """Look at the zip directory before numpy decompresses anything (zip bombs, stray entries)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except zipfile.BadZipFile as e:
+        raise InvalidDataset("The file is not an .npz archive (a zip of .npy arrays).") from e
+    names = {e.filename.removesuffix(".npy") for e in entries}
+    if len(entries) != len(names) or not names <= ALLOWED_ARRAYS:
+        raise InvalidDataset(
+            f"An .npz dataset holds only the arrays {sorted(ALLOWED_ARRAYS)}; found "
+            f"{sorted(e.filename for e in entries)}."
+        )
+    if sum(e.file_size for e in entries) > max_bytes:
+        raise InvalidDataset(f"The arrays decompress to more than {max_bytes} bytes.")
+
+
+def _inputs(a: np.ndarray, name: str) -> np.ndarray:
+    if a.dtype.kind not in "fiub" or a.ndim < 2:
+        raise InvalidDataset(
+            f"`{name}` must be a numeric array shaped [samples, features...]; got dtype {a.dtype} "
+            f"and shape {list(a.shape)}.",
+            field=name,
+        )
+    x = a.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise InvalidDataset(f"`{name}` contains NaN or infinite values.", field=name)
+    return x
+
+
+def _labels(a: np.ndarray, name: str, n: int) -> np.ndarray:
+    if a.dtype.kind not in "iub" or a.ndim != 1:
+        raise InvalidDataset(
+            f"`{name}` must be a 1-D integer array of class indices; got dtype {a.dtype} and "
+            f"shape {list(a.shape)}.",
+            field=name,
+        )
+    if len(a) != n:
+        raise InvalidDataset(f"`{name}` has {len(a)} labels for {n} samples.", field=name)
+    if len(a) and (a.min() < 0 or a.max() >= MAX_CLASSES):
+        raise InvalidDataset(
+            f"`{name}` labels must lie in [0, {MAX_CLASSES}); found {a.min()}..{a.max()}.",
+            field=name,
+        )
+    return a.astype(np.int64)
+
+
+def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
+    _check_archive(path, max_bytes)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except ValueError as e:  # object arrays would need pickle: refused by allow_pickle=False
+        raise InvalidDataset(f"The arrays could not be read without pickle: {e}") from e
+    for required in ("x", "y"):
+        if required not in arrays:
+            raise InvalidDataset(f"The .npz has no `{required}` array.", field=required)
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise InvalidDataset("Give both `x_test` and `y_test`, or neither.")
+    x = _inputs(arrays["x"], "x")
+    if len(x) < 2:
+        raise InvalidDataset("`x` needs at least 2 samples.", field="x")
+    y = _labels(arrays["y"], "y", len(x))
+    x_test = y_test = None
+    if "x_test" in arrays:
+        x_test = _inputs(arrays["x_test"], "x_test")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise InvalidDataset(
+                f"`x_test` samples are shaped {list(x_test.shape[1:])}, `x` samples "
+                f"{list(x.shape[1:])}.",
+                field="x_test",
+            )
+        y_test = _labels(arrays["y_test"], "y_test", len(x_test))
+    return NpzDataset(x, y, x_test, y_test)

@@ -1,0 +1,41 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile, status
+
+from app.datasets import service
+from app.datasets.schemas import DatasetList, DatasetOut
+from app.dependencies import SessionDep, SettingsDep, StoreDep
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+def upload_dataset(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    file: UploadFile,
+    name: Annotated[str | None, Form(max_length=255)] = None,
+) -> DatasetOut:
+    """Upload an `.npz` dataset with arrays `x`, `y` and optionally `x_test`, `y_test`."""
+    upload = store.receive(file.file, max_bytes=settings.max_dataset_bytes)
+    dataset = service.create_dataset(
+        session,
+        store=store,
+        upload=upload,
+        max_bytes=4 * settings.max_dataset_bytes,
+        name=name or file.filename or "dataset",
+    )
+    return service.uploaded_out(dataset)
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(session: SessionDep) -> DatasetList:
+    """The builtin datasets (with whether this server has their files) and the uploaded ones."""
+    return DatasetList(items=service.list_datasets(session))
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
+    """One uploaded dataset."""
+    return service.uploaded_out(service.get_dataset(session, dataset_id))

@@ -1,0 +1,116 @@
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.datasets.builtin import BUILTIN_DATASETS, is_available
+from app.datasets.npz import holdout_test_size, read_dataset_npz
+from app.datasets.schemas import DatasetOut
+from app.errors import DatasetUnavailable, InvalidSpec, NotFound
+from app.models import Dataset
+from app.storage import ArtifactStore, StoredFile
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What job validation needs to know of a dataset reference."""
+
+    ref: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    sha256: str | None
+
+
+def uploaded_out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        ref=dataset.id,
+        kind="uploaded",
+        name=dataset.name,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        train_size=dataset.train_size,
+        test_size=dataset.test_size,
+        available=True,
+        sha256=dataset.sha256,
+        size_bytes=dataset.size_bytes,
+        created_at=dataset.created_at,
+    )
+
+
+def list_datasets(session: Session) -> list[DatasetOut]:
+    builtin = [
+        DatasetOut(
+            ref=d.ref,
+            kind="builtin",
+            name=d.description,
+            input_shape=list(d.input_shape),
+            num_classes=d.num_classes,
+            train_size=d.train_size,
+            test_size=d.test_size,
+            available=is_available(d.ref),
+        )
+        for d in BUILTIN_DATASETS.values()
+    ]
+    uploaded = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()))
+    return builtin + [uploaded_out(d) for d in uploaded]
+
+
+def create_dataset(
+    session: Session, *, store: ArtifactStore, upload: StoredFile, max_bytes: int, name: str
+) -> Dataset:
+    """Check the staged ``.npz`` fully (shapes, dtypes, labels, NaN) before keeping it."""
+    try:
+        data = read_dataset_npz(upload.path, max_bytes=max_bytes)
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
+    if data.x_test is None:
+        test_size = holdout_test_size(len(data.x))
+        train_size = len(data.x) - test_size
+    else:
+        train_size, test_size = len(data.x), len(data.x_test)
+    dataset = Dataset(
+        name=name,
+        sha256=upload.sha256,
+        size_bytes=upload.size_bytes,
+        input_shape=list(data.input_shape),
+        num_classes=data.num_classes,
+        train_size=train_size,
+        test_size=test_size,
+        has_test_split=data.x_test is not None,
+        storage_key="",
+    )
+    session.add(dataset)
+    session.flush()
+    dataset.storage_key = f"datasets/{dataset.id}/data.npz"
+    store.adopt(upload.path, dataset.storage_key)
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"No dataset with id {dataset_id}.")
+    return dataset
+
+
+def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
+    """Look up a dataset reference (``builtin:<name>`` or an uploaded id) for validation."""
+    if ref.startswith("builtin:"):
+        builtin = BUILTIN_DATASETS.get(ref)
+        if builtin is None:
+            raise InvalidSpec(
+                f"No builtin dataset {ref!r}; choose one of {sorted(BUILTIN_DATASETS)}.",
+                field="dataset",
+            )
+        if not is_available(ref):
+            raise DatasetUnavailable(
+                f"{ref} is not installed on this server: `apt-get install dataset-fashion-mnist`, "
+                "or `distill download fashion-mnist`.",
+                field="dataset",
+            )
+        return DatasetSummary(ref, builtin.input_shape, builtin.num_classes, None)
+    dataset = session.get(Dataset, ref)
+    if dataset is None:
+        raise InvalidSpec(f"No dataset with id {ref}.", field="dataset")
+    return DatasetSummary(ref, tuple(dataset.input_shape), dataset.num_classes, dataset.sha256)

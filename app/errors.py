@@ -1,0 +1,69 @@
+"""Expected errors carry their HTTP status and a machine-readable code; main.py renders them as
+RFC 9457 problem+json (``type``, ``title``, ``status``, ``detail``, plus ``code`` and extras)."""
+
+from typing import Any, ClassVar
+
+
+class AppError(Exception):
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    title: ClassVar[str] = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def problem(self) -> dict[str, Any]:
+        return {
+            "type": f"https://distill.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+            **self.extra,
+        }
+
+
+class NotFound(AppError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(AppError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class JobNotReady(Conflict):
+    code, title = "job_not_ready", "Job has not succeeded"
+
+
+class InvalidInput(AppError):
+    status, code, title = 422, "invalid_input", "Invalid input"
+
+
+class InvalidSpec(InvalidInput):
+    code, title = "invalid_spec", "Invalid job specification"
+
+
+class InvalidModel(InvalidInput):
+    code, title = "invalid_model", "Invalid model file"
+
+
+class InvalidDataset(InvalidInput):
+    code, title = "invalid_dataset", "Invalid dataset file"
+
+
+class DatasetUnavailable(InvalidInput):
+    code, title = "dataset_unavailable", "Dataset not available"
+
+
+class UnsupportedFormat(AppError):
+    status, code, title = 415, "unsupported_format", "Unsupported file format"
+
+
+class PickleRefused(UnsupportedFormat):
+    code, title = "pickle_refused", "Pickle files are refused"
+
+
+class PayloadTooLarge(AppError):
+    status, code, title = 413, "payload_too_large", "Payload too large"

@@ -1,0 +1,140 @@
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.datasets.service import resolve_dataset
+from app.errors import Conflict, InvalidSpec, NotFound
+from app.jobs.schemas import DistillationSpec, JobOut
+from app.ml.architectures import CnnSpec
+from app.models import Job, JobMetric, JobPhase, JobStatus, Teacher, utcnow
+from app.queue import TaskName, enqueue_after_commit
+
+
+def validate_spec(session: Session, spec: DistillationSpec) -> Teacher:
+    """Everything that can be checked before queueing, so a mistake is a 422, not a failed job."""
+    teacher = session.get(Teacher, spec.teacher)
+    if teacher is None:
+        raise InvalidSpec(f"No teacher with id {spec.teacher}.", field="teacher")
+    dataset = resolve_dataset(session, spec.dataset)
+    if list(dataset.input_shape) != list(teacher.input_shape):
+        raise InvalidSpec(
+            f"The dataset's samples are shaped {list(dataset.input_shape)} but the teacher takes "
+            f"{teacher.input_shape}.",
+            field="dataset",
+        )
+    if dataset.num_classes > teacher.num_classes:
+        raise InvalidSpec(
+            f"The dataset has {dataset.num_classes} classes but the teacher outputs only "
+            f"{teacher.num_classes} logits.",
+            field="dataset",
+        )
+    if isinstance(spec.student, CnnSpec) and len(teacher.input_shape) != 3:
+        raise InvalidSpec(
+            f"A cnn student needs image inputs [C, H, W]; these are {teacher.input_shape}.",
+            field="student.architecture",
+        )
+    return teacher
+
+
+def create_job(session: Session, spec: DistillationSpec) -> Job:
+    teacher = validate_spec(session, spec)
+    job = Job(spec=spec.model_dump(mode="json"), teacher_id=teacher.id, dataset_ref=spec.dataset)
+    session.add(job)
+    session.flush()
+    enqueue_after_commit(session, TaskName.DISTILL, job.id)
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"No job with id {job_id}.")
+    return job
+
+
+def latest_metrics(session: Session, job_id: str) -> dict[str, object] | None:
+    row = session.scalar(
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id)
+        .order_by(JobMetric.epoch.desc())
+        .limit(1)
+    )
+    return None if row is None else {"epoch": row.epoch, **row.values}
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        phase=job.phase,
+        progress=job.progress,
+        attempt=job.attempt,
+        spec=job.spec,
+        teacher_id=job.teacher_id,
+        dataset=job.dataset_ref,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        heartbeat_at=job.heartbeat_at,
+        finished_at=job.finished_at,
+        latest_metrics=latest_metrics(session, job.id),
+        result=job.result,
+        error=job.error,
+    )
+
+
+def list_jobs(
+    session: Session, *, limit: int, offset: int, status: JobStatus | None
+) -> tuple[list[Job], int]:
+    query = select(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    jobs = session.scalars(
+        query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    )
+    return list(jobs), total
+
+
+def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
+    get_job(session, job_id)
+    return list(
+        session.scalars(
+            select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
+        )
+    )
+
+
+def transition(
+    session: Session, job_id: str, from_statuses: Iterable[JobStatus], **values: Any
+) -> bool:
+    """Compare-and-set on the job's status: True if this caller made the change."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(list(from_statuses))).values(**values)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def cancel_job(session: Session, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop at its next check."""
+    job = get_job(session, job_id)
+    changed = transition(
+        session,
+        job_id,
+        [JobStatus.QUEUED],
+        status=JobStatus.CANCELLED,
+        phase=JobPhase.DONE,
+        cancel_requested=True,
+        finished_at=utcnow(),
+    ) or transition(
+        session,
+        job_id,
+        [JobStatus.RUNNING, JobStatus.CANCELLING],
+        status=JobStatus.CANCELLING,
+        cancel_requested=True,
+    )
+    if not changed:
+        raise Conflict(f"Job {job_id} has already finished ({job.status}).", job_status=job.status)
+    session.refresh(job)
+    return job

@@ -1,0 +1,35 @@
+"""Serving a student: rebuilt from its manifest and safetensors weights, loaded once per process."""
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from app.ml.architectures import build_model
+from app.ml.artifacts import FILENAMES, Manifest, read_manifest
+from app.models import ArtifactFormat
+
+
+@dataclass(frozen=True)
+class Predictor:
+    manifest: Manifest
+    model: nn.Module
+
+    def predict(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and probabilities for a float32 batch shaped ``[N, *input_shape]``."""
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(inputs))
+            probabilities = torch.softmax(logits.float(), dim=-1)
+        return probabilities.argmax(dim=-1).numpy(), probabilities.numpy()
+
+
+@lru_cache(maxsize=16)
+def load_predictor(directory: Path) -> Predictor:
+    manifest = read_manifest(directory)
+    model = build_model(manifest.student_spec, tuple(manifest.input_shape), len(manifest.classes))
+    model.load_state_dict(load_file(str(directory / FILENAMES[ArtifactFormat.SAFETENSORS])))
+    return Predictor(manifest, model.eval())

@@ -1,0 +1,82 @@
+"""Where files live: uploads, and the artifacts the worker writes, under one root directory.
+
+In server mode the root is a directory every API and worker host mounts (a shared volume).
+Keys are relative POSIX paths built by Distill itself, never taken from a user.
+"""
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
+from app.config import get_settings
+from app.errors import PayloadTooLarge
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"storage key escapes the store: {key}")
+        return path
+
+    def receive(self, source: BinaryIO, *, max_bytes: int) -> StoredFile:
+        """Stream an upload to a temporary file, hashing it; 413 past ``max_bytes``."""
+        staging = self.root / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with tempfile.NamedTemporaryFile(dir=staging, delete=False) as out:
+            try:
+                for chunk in iter(lambda: source.read(CHUNK), b""):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(
+                            f"The upload is larger than the limit of {max_bytes} bytes.",
+                            limit_bytes=max_bytes,
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            except BaseException:
+                Path(out.name).unlink(missing_ok=True)
+                raise
+        return StoredFile(Path(out.name), digest.hexdigest(), size)
+
+    def adopt(self, staged: Path, key: str) -> Path:
+        """Move a staged file to its key (same filesystem: an atomic rename)."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged.replace(target)
+        return target
+
+    def delete_tree(self, prefix: str) -> None:
+        shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+
+@lru_cache
+def get_store() -> ArtifactStore:
+    root = get_settings().resolved_storage_dir
+    root.mkdir(parents=True, exist_ok=True)
+    return ArtifactStore(root)

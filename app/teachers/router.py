@@ -1,0 +1,52 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Response, UploadFile, status
+
+from app.dependencies import SessionDep, SettingsDep, StoreDep
+from app.teachers import service
+from app.teachers.schemas import TeacherList, TeacherOut
+
+router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=TeacherOut)
+def upload_teacher(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    file: UploadFile,
+    name: Annotated[str | None, Form(max_length=255)] = None,
+    config: Annotated[
+        str | None, Form(description="JSON architecture config (safetensors only).")
+    ] = None,
+) -> TeacherOut:
+    """Upload a teacher: an ONNX file, or safetensors weights with an architecture `config`."""
+    upload = store.receive(file.file, max_bytes=settings.max_teacher_bytes)
+    teacher = service.create_teacher(
+        session,
+        store=store,
+        upload=upload,
+        filename=file.filename or "teacher",
+        name=name,
+        config=config,
+    )
+    return TeacherOut.model_validate(teacher)
+
+
+@router.get("", response_model=TeacherList)
+def list_teachers(session: SessionDep) -> TeacherList:
+    """List uploaded teachers, newest first."""
+    return TeacherList(items=[TeacherOut.model_validate(t) for t in service.list_teachers(session)])
+
+
+@router.get("/{teacher_id}", response_model=TeacherOut)
+def get_teacher(session: SessionDep, teacher_id: str) -> TeacherOut:
+    """One teacher."""
+    return TeacherOut.model_validate(service.get_teacher(session, teacher_id))
+
+
+@router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_teacher(session: SessionDep, store: StoreDep, teacher_id: str) -> Response:
+    """Delete a teacher that no unfinished job uses."""
+    service.delete_teacher(session, store=store, teacher_id=teacher_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,41 @@
+"""The Celery worker, configured for long GPU jobs.
+
+- acks_late + reject_on_worker_lost: a message is acknowledged only when its job has finished;
+- prefetch 1: a worker never holds a second job while it trains;
+- one task per child process: each job gets a fresh process (GPU memory returned, no CUDA state
+  inherited across fork); the parent never touches CUDA;
+- the periodic recovery task requeues jobs whose worker died (see worker/recovery.py).
+"""
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from app.config import get_settings
+from app.db import get_engine
+from app.queue import TaskName, configure_celery
+
+settings = get_settings()
+celery_app = Celery("distill", include=["worker.tasks"])
+configure_celery(celery_app, settings)
+celery_app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_max_tasks_per_child=1,
+    task_time_limit=settings.job_time_limit_s,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "recover-stale-jobs": {
+            "task": TaskName.RECOVER,
+            "schedule": 60.0,
+            # A tick that waits behind a long job is dropped; the next one will do.
+            "options": {"expires": 55},
+        }
+    },
+)
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_: object) -> None:
+    # Pooled connections must not be shared with the parent process.
+    get_engine().dispose(close=False)

@@ -1,0 +1,356 @@
+"""One job, start to finish: claim -> validate -> teacher outputs -> train -> evaluate -> export ->
+finalize. Database sessions are short and never held across slow work."""
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import delete, select, update
+
+from app.config import Settings, get_settings
+from app.db import session_scope
+from app.errors import AppError
+from app.jobs.schemas import DistillationSpec
+from app.jobs.service import transition
+from app.ml.architectures import build_model, parameter_count
+from app.models import (
+    Artifact,
+    ArtifactFormat,
+    Dataset,
+    Job,
+    JobMetric,
+    JobPhase,
+    JobStatus,
+    Teacher,
+    TeacherFormat,
+    utcnow,
+)
+from app.storage import get_store, sha256_file
+from worker.data import DatasetArrays, load_builtin, load_uploaded
+from worker.evaluation import accuracy, agreement, onnx_latency_ms
+from worker.export import export_onnx, write_artifact
+from worker.losses import LOSSES
+from worker.teachers import TeacherRunner
+from worker.training.loop import LoopConfig, Split, predict_logits, train
+
+log = logging.getLogger(__name__)
+VALIDATION_FRACTION = 0.1
+MAX_VALIDATION = 10_000
+
+
+class JobFailure(Exception):
+    """A failure to report on the job as it is (no traceback needed)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    id: str
+    format: str
+    sha256: str
+    path: Path
+    size_bytes: int
+    parameter_count: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    architecture: dict[str, Any] | None
+
+
+class JobReporter:
+    """The MetricSink of one job: phase, progress and heartbeat, metrics, cancel flag."""
+
+    def __init__(self, job_id: str, interval_s: float) -> None:
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._last_beat = 0.0
+        self._cancel_requested = False
+
+    def _beat(self, **values: Any) -> None:
+        with session_scope() as session:
+            session.execute(
+                update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow(), **values)
+            )
+            self._cancel_requested = bool(
+                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+            )
+        self._last_beat = time.monotonic()
+
+    def phase(self, phase: JobPhase) -> None:
+        log.info("job.phase", extra={"job_id": self.job_id, "phase": phase})
+        self._beat(phase=phase)
+
+    def progress(self, fraction: float) -> None:
+        # Throttled: one small write every interval, however fast the steps are.
+        if time.monotonic() - self._last_beat >= self.interval_s:
+            self._beat(progress=round(fraction, 4))
+
+    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        with session_scope() as session:
+            session.add(JobMetric(job_id=self.job_id, epoch=epoch, values=values))
+        self._beat()
+
+    def should_stop(self) -> bool:
+        return self._cancel_requested
+
+
+def claim(job_id: str, max_attempts: int) -> bool:
+    """queued -> running in one compare-and-set; a duplicate delivery finds nothing to claim."""
+    with session_scope() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempt < max_attempts)
+            .values(
+                status=JobStatus.RUNNING,
+                phase=JobPhase.VALIDATING,
+                attempt=Job.attempt + 1,
+                progress=0.0,
+                started_at=utcnow(),
+                heartbeat_at=utcnow(),
+                error=None,
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        if claimed:
+            # A retried job starts over: drop the metrics of the attempt that died.
+            session.execute(delete(JobMetric).where(JobMetric.job_id == job_id))
+    return bool(claimed)
+
+
+def finish(job_id: str, status: JobStatus, **values: Any) -> bool:
+    with session_scope() as session:
+        return transition(
+            session,
+            job_id,
+            [JobStatus.RUNNING, JobStatus.CANCELLING],
+            status=status,
+            phase=JobPhase.DONE,
+            finished_at=utcnow(),
+            heartbeat_at=utcnow(),
+            **values,
+        )
+
+
+def choose_device(settings: Settings) -> torch.device:
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
+
+
+def load_dataset(ref: str, num_classes: int) -> DatasetArrays:
+    if ref.startswith("builtin:"):
+        return load_builtin(ref)
+    with session_scope() as session:
+        dataset = session.get(Dataset, ref)
+        if dataset is None:
+            raise JobFailure("dataset_missing", f"Dataset {ref} no longer exists.")
+        key = dataset.storage_key
+    return load_uploaded(get_store().path(key), num_classes)
+
+
+def _split_validation(
+    x: np.ndarray, y: np.ndarray, logits: np.ndarray, seed: int
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Hold out part of the training set to pick the best epoch; the test set stays unseen."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = min(MAX_VALIDATION, max(1, int(len(x) * VALIDATION_FRACTION)))
+    val, tr = order[:n_val], order[n_val:]
+    return (x[tr], y[tr], logits[tr]), (x[val], y[val], logits[val])
+
+
+def _to_split(arrays: tuple[np.ndarray, ...], device: torch.device) -> Split:
+    x, y, logits = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
+    return Split(x=x, y=y, teacher_logits=logits)
+
+
+def _load_job(job_id: str) -> tuple[DistillationSpec, TeacherRecord, int]:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        spec = DistillationSpec.model_validate(job.spec)
+        teacher = session.get(Teacher, job.teacher_id) if job.teacher_id else None
+        if teacher is None:
+            raise JobFailure("teacher_missing", "The job's teacher was deleted.")
+        record = TeacherRecord(
+            id=teacher.id,
+            format=teacher.format,
+            sha256=teacher.sha256,
+            path=get_store().path(teacher.storage_key),
+            size_bytes=teacher.size_bytes,
+            parameter_count=teacher.parameter_count,
+            input_shape=tuple(teacher.input_shape),
+            num_classes=teacher.num_classes,
+            architecture=teacher.architecture,
+        )
+        return spec, record, job.attempt
+
+
+def teacher_latency_ms(teacher: TeacherRecord, runner: TeacherRunner) -> float:
+    """Teacher latency measured exactly like the student's: its ONNX graph on onnxruntime."""
+    if teacher.format == TeacherFormat.ONNX:
+        return onnx_latency_ms(teacher.path, teacher.input_shape)
+    assert runner.model is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "teacher.onnx"
+        export_onnx(runner.model, teacher.input_shape, path)
+        return onnx_latency_ms(path, teacher.input_shape)
+
+
+def run_job(job_id: str) -> None:
+    settings = get_settings()
+    if not claim(job_id, settings.job_max_attempts):
+        log.info("job.not_claimed", extra={"job_id": job_id})
+        return
+    started = time.perf_counter()
+    reporter = JobReporter(job_id, settings.heartbeat_interval_s)
+    try:
+        _run(job_id, settings, reporter, started)
+    except JobFailure as e:
+        finish(job_id, JobStatus.FAILED, error={"code": e.code, "detail": e.detail})
+    except AppError as e:
+        finish(job_id, JobStatus.FAILED, error={"code": e.code, "detail": e.detail})
+    except Exception as e:
+        log.exception("job.crashed", extra={"job_id": job_id})
+        finish(
+            job_id,
+            JobStatus.FAILED,
+            error={"code": "internal_error", "detail": f"{type(e).__name__}: {e}"},
+        )
+
+
+def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float) -> None:
+    spec, teacher, attempt = _load_job(job_id)
+    device = choose_device(settings)
+    torch.manual_seed(spec.training.seed)
+
+    reporter.phase(JobPhase.VALIDATING)
+    data = load_dataset(spec.dataset, teacher.num_classes)
+    if data.input_shape != teacher.input_shape:
+        raise JobFailure(
+            "shape_mismatch",
+            f"Dataset samples are shaped {list(data.input_shape)}, "
+            f"the teacher takes {list(teacher.input_shape)}.",
+        )
+    runner = TeacherRunner(teacher.path, teacher.format, teacher.architecture, device)
+
+    reporter.phase(JobPhase.TEACHER_OUTPUTS)
+    train_logits = runner.logits(data.x_train)
+    test_logits = runner.logits(data.x_test)
+    train_arrays, val_arrays = _split_validation(
+        data.x_train, data.y_train, train_logits, spec.training.seed
+    )
+    train_split, val_split = _to_split(train_arrays, device), _to_split(val_arrays, device)
+    test_split = _to_split((data.x_test, data.y_test, test_logits), device)
+
+    reporter.phase(JobPhase.TRAINING)
+    student = build_model(spec.student, teacher.input_shape, teacher.num_classes).to(device)
+    method = spec.distillation
+    loss_fn = LOSSES[method.method](temperature=method.temperature, alpha=method.alpha)
+    training = spec.training
+    outcome = train(
+        student,
+        loss_fn,
+        train_split,
+        val_split,
+        LoopConfig(training.epochs, training.batch_size, training.learning_rate, training.seed),
+        reporter,
+        reporter.should_stop,
+    )
+    if outcome.stopped:
+        finish(
+            job_id,
+            JobStatus.CANCELLED,
+            error={"code": "cancelled", "detail": "Cancelled by request."},
+        )
+        return
+
+    reporter.phase(JobPhase.EVALUATING)
+    student.load_state_dict(outcome.best_state)
+    student_test_logits = predict_logits(student, test_split.x, 4096)
+    student_accuracy = accuracy(student_test_logits, test_split.y)
+    teacher_accuracy = accuracy(test_split.teacher_logits, test_split.y)
+    student_parameters = parameter_count(student)
+
+    reporter.phase(JobPhase.EXPORTING)
+    store = get_store()
+    artifact_prefix = f"artifacts/{job_id}/attempt-{attempt}"
+    directory = store.path(artifact_prefix)
+    result: dict[str, Any] = {
+        "student_accuracy": student_accuracy,
+        "teacher_accuracy": teacher_accuracy,
+        "accuracy_retained": 100.0 * student_accuracy / teacher_accuracy
+        if teacher_accuracy
+        else None,
+        "agreement": agreement(student_test_logits, test_split.teacher_logits),
+        "student_parameters": student_parameters,
+        "teacher_parameters": teacher.parameter_count,
+        "compression_ratio": teacher.parameter_count / student_parameters,
+        "best_epoch": outcome.best_epoch,
+        "best_val_accuracy": outcome.best_val_accuracy,
+        "train_samples": len(train_split),
+        "val_samples": len(val_split),
+        "test_samples": len(test_split),
+        "device": str(device),
+    }
+    classes = data.classes + [str(i) for i in range(len(data.classes), teacher.num_classes)]
+    paths = write_artifact(
+        directory,
+        model=student,
+        input_shape=teacher.input_shape,
+        manifest_fields={
+            "job_id": job_id,
+            "student": spec.student.model_dump(mode="json"),
+            "classes": classes,
+            "metrics": result,
+            "teacher": {"id": teacher.id, "sha256": teacher.sha256, "format": teacher.format},
+            "dataset": {"ref": spec.dataset, "sha256": data.digest()},
+        },
+    )
+    student_latency = onnx_latency_ms(paths[ArtifactFormat.ONNX], teacher.input_shape)
+    teacher_latency = teacher_latency_ms(teacher, runner)
+    result |= {
+        "student_size_bytes": paths[ArtifactFormat.ONNX].stat().st_size,
+        "teacher_size_bytes": teacher.size_bytes,
+        "student_latency_ms": student_latency,
+        "teacher_latency_ms": teacher_latency,
+        "speedup": teacher_latency / student_latency,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    _finalize(job_id, artifact_prefix, paths, result)
+
+
+def _finalize(
+    job_id: str, prefix: str, paths: dict[ArtifactFormat, Path], result: dict[str, Any]
+) -> None:
+    with session_scope() as session:
+        done = transition(
+            session,
+            job_id,
+            [JobStatus.RUNNING, JobStatus.CANCELLING],
+            status=JobStatus.SUCCEEDED,
+            phase=JobPhase.DONE,
+            progress=1.0,
+            result=result,
+            finished_at=utcnow(),
+            heartbeat_at=utcnow(),
+        )
+        if not done:
+            log.warning("job.finalize_lost", extra={"job_id": job_id})
+            return
+        session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+        for fmt, path in paths.items():
+            session.add(
+                Artifact(
+                    job_id=job_id,
+                    format=fmt,
+                    storage_key=f"{prefix}/{path.name}",
+                    sha256=sha256_file(path),
+                    size_bytes=path.stat().st_size,
+                )
+            )

@@ -1,0 +1,66 @@
+"""Requeue jobs whose worker died: the database, not the broker, decides what still has to run."""
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from app.config import get_settings
+from app.db import session_scope
+from app.jobs.service import transition
+from app.models import Job, JobPhase, JobStatus, utcnow
+from app.queue import TaskName, enqueue_after_commit
+
+log = logging.getLogger(__name__)
+
+
+def recover_stale_jobs() -> list[str]:
+    """Jobs running without a heartbeat for ``job_stale_after_s``: requeue, or fail past the cap.
+
+    Each change is a compare-and-set on status and heartbeat, so two recoverers never both act.
+    """
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.job_stale_after_s)
+    requeued = []
+    with session_scope() as session:
+        stale = session.execute(
+            select(Job.id, Job.status, Job.attempt).where(
+                Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]), Job.heartbeat_at < cutoff
+            )
+        ).all()
+        for job_id, status, attempt in stale:
+            if status == JobStatus.CANCELLING:
+                transition(
+                    session,
+                    job_id,
+                    [status],
+                    status=JobStatus.CANCELLED,
+                    phase=JobPhase.DONE,
+                    finished_at=utcnow(),
+                )
+            elif attempt >= settings.job_max_attempts:
+                transition(
+                    session,
+                    job_id,
+                    [status],
+                    status=JobStatus.FAILED,
+                    phase=JobPhase.DONE,
+                    finished_at=utcnow(),
+                    error={
+                        "code": "worker_lost",
+                        "detail": f"The worker running this job was lost {attempt} times.",
+                    },
+                )
+            elif transition(
+                session,
+                job_id,
+                [status],
+                status=JobStatus.QUEUED,
+                phase=JobPhase.QUEUED,
+                progress=0.0,
+            ):
+                enqueue_after_commit(session, TaskName.DISTILL, job_id)
+                requeued.append(job_id)
+    if stale:
+        log.warning("jobs.recovered", extra={"stale": len(stale), "requeued": len(requeued)})
+    return requeued

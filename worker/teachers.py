@@ -1,0 +1,53 @@
+"""Run an uploaded teacher, frozen: ONNX through onnxruntime, safetensors through our own
+architectures. Its logits are computed once per job, never per training step."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from app.ml.architectures import build_model
+from app.models import TeacherFormat
+from app.teachers.inspection import TeacherConfig
+
+
+class TeacherRunner:
+    """Logits of a frozen teacher for float32 arrays shaped ``[N, *input_shape]``."""
+
+    def __init__(
+        self, path: Path, fmt: str, architecture: dict[str, Any] | None, device: torch.device
+    ) -> None:
+        self.path = path
+        self.device = device
+        self.model: nn.Module | None = None
+        self.session: Any = None
+        if fmt == TeacherFormat.ONNX:
+            import onnxruntime as ort
+
+            providers = ["CPUExecutionProvider"]
+            if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.input_name = self.session.get_inputs()[0].name
+        else:
+            config = TeacherConfig.model_validate(architecture)
+            model = build_model(config.architecture, tuple(config.input_shape), config.num_classes)
+            model.load_state_dict(load_file(str(path)))
+            # Frozen: eval mode (no dropout, running BN statistics) and no gradients.
+            self.model = model.eval().requires_grad_(False).to(device)
+
+    def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(x), batch_size):
+            batch = np.ascontiguousarray(x[start : start + batch_size])
+            if self.session is not None:
+                chunks.append(self.session.run(None, {self.input_name: batch})[0])
+            else:
+                assert self.model is not None
+                with torch.inference_mode():
+                    out = self.model(torch.from_numpy(batch).to(self.device))
+                chunks.append(out.float().cpu().numpy())
+        return np.concatenate(chunks).astype(np.float32)
