@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     job_stale_after_s: int = Field(
         default=300, description="A running job whose heartbeat is older than this is requeued."
     )
+    recovery_interval_s: float = 60.0
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")

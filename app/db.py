@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
+from app.queue import send_pending
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -51,9 +52,12 @@ def get_session() -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+        send_pending(session)
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
-    with get_session_factory()() as session, session.begin():
-        yield session
+    with get_session_factory()() as session:
+        with session.begin():
+            yield session
+        send_pending(session)

@@ -65,5 +65,9 @@ class PickleRefused(UnsupportedFormat):
     code, title = "pickle_refused", "Pickle files are refused"
 
 
+class BrokerUnavailable(AppError):
+    status, code, title = 503, "broker_unavailable", "Broker unavailable"
+
+
 class PayloadTooLarge(AppError):
     status, code, title = 413, "payload_too_large", "Payload too large"

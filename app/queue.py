@@ -3,17 +3,20 @@
 Messages carry a job id, never an object; the database row is the source of truth.
 """
 
+import logging
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
 
 from celery import Celery
-from sqlalchemy import event
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
+from app.errors import BrokerUnavailable
+from app.models import Job, JobPhase, JobStatus, utcnow
 
-PENDING_TASKS = "distill_pending_tasks"
+log = logging.getLogger(__name__)
+PENDING_JOBS = "distill_pending_jobs"
 QUEUE = "distill"
 
 
@@ -47,17 +50,38 @@ def get_celery() -> Celery:
     return app
 
 
-def enqueue_after_commit(session: Session, task: TaskName, *args: Any) -> None:
-    """Send the task once the session's transaction commits; a rollback sends nothing."""
-    session.info.setdefault(PENDING_TASKS, []).append((task, args))
+def enqueue_after_commit(session: Session, job_id: str) -> None:
+    """Queue the job once the session's transaction commits (``send_pending``); a rollback
+    sends nothing."""
+    session.info.setdefault(PENDING_JOBS, []).append(job_id)
 
 
-@event.listens_for(Session, "after_commit")
-def _send_pending(session: Session) -> None:
-    for task, args in session.info.pop(PENDING_TASKS, []):
-        get_celery().send_task(task, args=args)
+def send_pending(session: Session) -> None:
+    """Send the jobs queued on a session that has just committed.
 
-
-@event.listens_for(Session, "after_soft_rollback")
-def _drop_pending(session: Session, _previous_transaction: Any) -> None:
-    session.info.pop(PENDING_TASKS, None)
+    A job whose message cannot be sent is marked failed rather than left queued forever, and the
+    caller gets a 503 that says so.
+    """
+    failed = []
+    for job_id in session.info.pop(PENDING_JOBS, []):
+        try:
+            get_celery().send_task(TaskName.DISTILL, args=[job_id])
+        except Exception:
+            log.exception("queue.send_failed", extra={"job_id": job_id})
+            failed.append(job_id)
+    if failed:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(failed), Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.FAILED,
+                phase=JobPhase.DONE,
+                finished_at=utcnow(),
+                error={"code": "broker_unavailable", "detail": "The job could not be queued."},
+            )
+        )
+        session.commit()
+        raise BrokerUnavailable(
+            f"The message broker is unreachable; job(s) {', '.join(failed)} were not queued "
+            "and are marked failed. Try again once the broker is back."
+        )

@@ -30,7 +30,6 @@ BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000
 PEAK_LR = 3e-3
 WEIGHT_DECAY = 5e-4
-LABEL_SMOOTHING = 0.1
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def train(data: DatasetArrays, recipe: Recipe, epochs: int, seed: int) -> nn.Mod
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=PEAK_LR, total_steps=epochs * steps_per_epoch
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    loss_fn = nn.CrossEntropyLoss()
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         model.train()

@@ -27,9 +27,9 @@ celery_app.conf.update(
     beat_schedule={
         "recover-stale-jobs": {
             "task": TaskName.RECOVER,
-            "schedule": 60.0,
+            "schedule": settings.recovery_interval_s,
             # A tick that waits behind a long job is dropped; the next one will do.
-            "options": {"expires": 55},
+            "options": {"expires": 0.9 * settings.recovery_interval_s},
         }
     },
 )

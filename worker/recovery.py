@@ -9,7 +9,7 @@ from app.config import get_settings
 from app.db import session_scope
 from app.jobs.service import transition
 from app.models import Job, JobPhase, JobStatus, utcnow
-from app.queue import TaskName, enqueue_after_commit
+from app.queue import enqueue_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def recover_stale_jobs() -> list[str]:
                 phase=JobPhase.QUEUED,
                 progress=0.0,
             ):
-                enqueue_after_commit(session, TaskName.DISTILL, job_id)
+                enqueue_after_commit(session, job_id)
                 requeued.append(job_id)
     if stale:
         log.warning("jobs.recovered", extra={"stale": len(stale), "requeued": len(requeued)})

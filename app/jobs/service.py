@@ -9,7 +9,7 @@ from app.errors import Conflict, InvalidSpec, NotFound
 from app.jobs.schemas import DistillationSpec, JobOut
 from app.ml.architectures import CnnSpec
 from app.models import Job, JobMetric, JobPhase, JobStatus, Teacher, utcnow
-from app.queue import TaskName, enqueue_after_commit
+from app.queue import enqueue_after_commit
 
 
 def validate_spec(session: Session, spec: DistillationSpec) -> Teacher:
@@ -43,7 +43,7 @@ def create_job(session: Session, spec: DistillationSpec) -> Job:
     job = Job(spec=spec.model_dump(mode="json"), teacher_id=teacher.id, dataset_ref=spec.dataset)
     session.add(job)
     session.flush()
-    enqueue_after_commit(session, TaskName.DISTILL, job.id)
+    enqueue_after_commit(session, job.id)
     return job
 
 

@@ -145,7 +145,16 @@ def _inspect_onnx(path: Path, filename: str) -> TeacherInfo:
             f"The model's first output must be logits [batch, classes]; got {output_shape}."
         )
     num_classes = _static_dims(output_shape[1:], "output")[0]
-    parameters = sum(math.prod(t.dims) for t in model.graph.initializer)
+    # Weights are the floating-point initializers; integer ones are shapes and indices.
+    float_types = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.DOUBLE,
+    }
+    parameters = sum(
+        math.prod(t.dims) for t in model.graph.initializer if t.data_type in float_types
+    )
     return TeacherInfo(
         format=TeacherFormat.ONNX,
         input_shape=input_shape,

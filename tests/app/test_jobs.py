@@ -1,0 +1,133 @@
+"""Job submission and control, without a worker: what is checked before queueing."""
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import TeacherFiles, job_body, npz_bytes, upload_teacher
+
+
+@pytest.fixture
+def teacher_id(client: TestClient, digits_teacher: TeacherFiles) -> object:
+    return upload_teacher(client, digits_teacher)["id"]
+
+
+def test_submit_returns_202_with_location(client: TestClient, teacher_id: object) -> None:
+    response = client.post("/v1/jobs", json=job_body(teacher_id))
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert (job["status"], job["phase"], job["attempt"]) == ("queued", "queued", 0)
+    stored = client.get(response.headers["location"]).json()
+    assert stored["spec"]["distillation"] == {"method": "kd", "temperature": 4.0, "alpha": 0.9}
+    assert client.get(f"/v1/jobs/{job['id']}/metrics").json() == {"items": []}
+
+
+def test_defaults_fill_everything_but_teacher_dataset_student(
+    client: TestClient, teacher_id: object
+) -> None:
+    body = {"teacher": teacher_id, "dataset": "builtin:digits", "student": {"architecture": "mlp"}}
+    spec = client.post("/v1/jobs", json=body).json()["spec"]
+    assert spec["training"] == {"epochs": 5, "batch_size": 128, "learning_rate": 0.001, "seed": 0}
+    assert spec["student"]["hidden_sizes"] == [128]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"distillation": {"method": "kd", "temperature": 0}}, "distillation.temperature"),
+        ({"distillation": {"method": "kd", "alpha": 1.5}}, "distillation.alpha"),
+        ({"distillation": {"method": "magic"}}, "distillation.method"),
+        ({"student": {"architecture": "transformer"}}, "student"),
+        ({"student": {"architecture": "mlp", "hidden_sizes": [0]}}, "student.mlp.hidden_sizes.0"),
+        ({"training": {"epochs": 0}}, "training.epochs"),
+        ({"training": {"batch_size": -1}}, "training.batch_size"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_invalid_spec_names_the_field(
+    client: TestClient, teacher_id: object, overrides: dict[str, object], field: str
+) -> None:
+    response = client.post("/v1/jobs", json=job_body(teacher_id, **overrides))
+    assert response.status_code == 422
+    problem = response.json()
+    assert response.headers["content-type"] == "application/problem+json"
+    assert problem["code"] == "validation_error"
+    assert problem["field"] == field
+
+
+def test_unknown_teacher_and_dataset(client: TestClient, teacher_id: object) -> None:
+    response = client.post("/v1/jobs", json=job_body("no-such-teacher"))
+    assert (response.status_code, response.json()["field"]) == (422, "teacher")
+    response = client.post("/v1/jobs", json=job_body(teacher_id, dataset="builtin:imagenet"))
+    assert (response.status_code, response.json()["field"]) == (422, "dataset")
+    response = client.post("/v1/jobs", json=job_body(teacher_id, dataset="no-such-dataset"))
+    assert (response.status_code, response.json()["field"]) == (422, "dataset")
+
+
+def test_dataset_shape_must_match_teacher(client: TestClient, teacher_id: object) -> None:
+    response = client.post("/v1/jobs", json=job_body(teacher_id, dataset="builtin:fashion-mnist"))
+    assert response.status_code == 422
+    assert response.json()["field"] == "dataset"
+    assert "[1, 28, 28]" in response.json()["detail"]
+
+
+def test_dataset_classes_must_fit_teacher_outputs(client: TestClient, teacher_id: object) -> None:
+    x = np.zeros((20, 1, 8, 8), dtype=np.float32)
+    y = np.arange(20) % 12  # 12 classes; the teacher has 10 outputs
+    upload = client.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=x, y=y))})
+    response = client.post("/v1/jobs", json=job_body(teacher_id, dataset=upload.json()["ref"]))
+    assert response.status_code == 422
+    assert "12 classes" in response.json()["detail"]
+
+
+def test_cnn_student_on_images_is_accepted(client: TestClient, teacher_id: object) -> None:
+    body = job_body(teacher_id, student={"architecture": "cnn", "channels": [4]})
+    assert client.post("/v1/jobs", json=body).status_code == 202
+
+
+def test_cancel_a_queued_job(client: TestClient, teacher_id: object) -> None:
+    job_id = client.post("/v1/jobs", json=job_body(teacher_id)).json()["id"]
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409
+    assert again.json()["job_status"] == "cancelled"
+
+
+def test_student_is_not_served_before_success(client: TestClient, teacher_id: object) -> None:
+    job_id = client.post("/v1/jobs", json=job_body(teacher_id)).json()["id"]
+    predict = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[[[0.0] * 8] * 8]]})
+    assert predict.status_code == 409
+    assert predict.json()["code"] == "job_not_ready"
+    assert client.get(f"/v1/jobs/{job_id}/artifact").status_code == 409
+    assert client.get("/v1/jobs/nope/artifact").status_code == 404
+
+
+def test_list_is_paginated_and_filtered(client: TestClient, teacher_id: object) -> None:
+    ids = [client.post("/v1/jobs", json=job_body(teacher_id)).json()["id"] for _ in range(3)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel")
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert (page["total"], len(page["items"])) == (3, 2)
+    rest = client.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()
+    assert {j["id"] for j in page["items"] + rest["items"]} == set(ids)
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()
+    assert [j["id"] for j in cancelled["items"]] == [ids[0]]
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_unknown_job_is_problem_json(client: TestClient) -> None:
+    for path in ("/v1/jobs/nope", "/v1/jobs/nope/metrics"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+    assert client.post("/v1/jobs/nope/cancel").status_code == 404
+
+
+def test_malformed_json_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"

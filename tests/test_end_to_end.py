@@ -1,0 +1,195 @@
+"""End to end with a real Celery worker process, on both stacks: submit over HTTP, train, download,
+predict; cancel a running job; kill a worker mid-job and see the job finish on a new one."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from tests.conftest import REDIS_URL, Stack, TeacherFiles, job_body, upload_teacher
+from worker.data import load_builtin
+
+pytestmark = pytest.mark.e2e
+StartWorker = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(stack: Stack, tmp_path: Path) -> Iterator[StartWorker]:
+    """Start real `celery worker` processes on the stack's broker; all are stopped afterwards."""
+    if stack.name == "server":
+        redis.Redis.from_url(REDIS_URL).flushdb()
+    else:
+        for message in (stack.home / "broker").glob("*"):
+            message.unlink()
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def start(beat: bool = False, **env: str) -> subprocess.Popen[bytes]:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+        ]
+        if beat:
+            command += ["--beat", "--schedule", str(tmp_path / f"beat-{len(workers)}")]
+        log = open(tmp_path / f"worker-{len(workers)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        workers.append(process)
+        return process
+
+    yield start
+    for process in workers:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in workers:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    for log_file in sorted(tmp_path.glob("worker-*.log")):
+        print(f"--- {log_file.name}\n{log_file.read_text()[-3000:]}")
+
+
+def wait_for(
+    client: TestClient, job_id: str, done: Callable[[dict[str, object]], bool], timeout: float = 120
+) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, object] = client.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {job}")
+
+
+def is_terminal(job: dict[str, object]) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+def test_job_runs_end_to_end(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    start_worker()
+    teacher = upload_teacher(client, digits_teacher)
+    body = job_body(teacher["id"], training={"epochs": 6, "batch_size": 32, "learning_rate": 0.01})
+    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    seen = set()
+
+    def record(job: dict[str, object]) -> bool:
+        seen.add(job["status"])
+        return is_terminal(job)
+
+    job = wait_for(client, job_id, record)
+    assert job["status"] == "succeeded", job["error"]
+    assert {"queued", "running", "succeeded"} >= seen and "succeeded" in seen
+    assert job["attempt"] == 1 and job["progress"] == 1.0
+
+    result = job["result"]
+    assert isinstance(result, dict)
+    assert result["teacher_accuracy"] == pytest.approx(digits_teacher.test_accuracy, abs=1e-6)
+    assert result["student_accuracy"] > 0.8
+    assert result["student_parameters"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert result["teacher_parameters"] == teacher["parameter_count"]
+    assert result["compression_ratio"] == pytest.approx(
+        teacher["parameter_count"] / result["student_parameters"]
+    )
+    assert result["accuracy_retained"] == pytest.approx(
+        100 * result["student_accuracy"] / result["teacher_accuracy"]
+    )
+    assert result["student_latency_ms"] > 0 and result["teacher_latency_ms"] > 0
+
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
+    assert [m["epoch"] for m in metrics] == list(range(1, 7))
+    assert {
+        "train_loss",
+        "train_kd_loss",
+        "train_ce_loss",
+        "val_accuracy",
+        "val_agreement",
+        "teacher_val_accuracy",
+    } <= set(metrics[0]["values"])
+    assert job["latest_metrics"]["epoch"] == 6
+
+    for fmt in ("onnx", "safetensors", "manifest"):
+        download = client.get(f"/v1/jobs/{job_id}/artifact", params={"format": fmt})
+        assert download.status_code == 200
+        assert hashlib.sha256(download.content).hexdigest() == download.headers["x-content-sha256"]
+    manifest = client.get(f"/v1/jobs/{job_id}/artifact", params={"format": "manifest"}).json()
+    assert manifest["input_shape"] == [1, 8, 8]
+    assert manifest["teacher"]["sha256"] == teacher["sha256"]
+    onnx_bytes = client.get(f"/v1/jobs/{job_id}/artifact").content
+    assert manifest["files"]["model.onnx"] == hashlib.sha256(onnx_bytes).hexdigest()
+
+    data = load_builtin("builtin:digits")
+    response = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": data.x_test.tolist()})
+    assert response.status_code == 200
+    predicted = np.array(response.json()["predictions"])
+    assert (predicted == data.y_test).mean() == pytest.approx(result["student_accuracy"], abs=1e-6)
+    probabilities = np.array(response.json()["probabilities"])
+    assert probabilities.shape == (len(data.x_test), 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+    wrong = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[0.0] * 64]})
+    assert wrong.status_code == 422 and wrong.json()["expected_shape"] == [1, 8, 8]
+    ragged = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[1.0], [1.0, 2.0]]})
+    assert ragged.status_code == 422
+    text = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [["a"] * 8]})
+    assert text.status_code == 422
+
+
+def test_running_job_is_cancelled(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    start_worker()
+    teacher = upload_teacher(client, digits_teacher)
+    body = job_body(teacher["id"], training={"epochs": 1000, "batch_size": 8})
+    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    wait_for(client, job_id, lambda j: j["phase"] == "training" and j["latest_metrics"] is not None)
+    response = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] in ("cancelling", "cancelled")
+    job = wait_for(client, job_id, is_terminal, timeout=30)
+    assert job["status"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job_id}/artifact").status_code == 409
+
+
+def test_killed_worker_job_is_recovered(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    fast_recovery = {"DISTILL_JOB_STALE_AFTER_S": "4", "DISTILL_RECOVERY_INTERVAL_S": "1"}
+    first = start_worker(**fast_recovery)
+    teacher = upload_teacher(client, digits_teacher)
+    body = job_body(teacher["id"], training={"epochs": 40, "batch_size": 16})
+    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    wait_for(client, job_id, lambda j: j["phase"] == "training" and j["latest_metrics"] is not None)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole worker, as a lost machine would
+    first.wait()
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+    start_worker(beat=True, **fast_recovery)
+    job = wait_for(client, job_id, is_terminal, timeout=180)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 2
+    epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]]
+    assert epochs == list(range(1, 41))
