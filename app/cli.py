@@ -14,7 +14,9 @@ def migrate() -> None:
     from alembic import command
     from alembic.config import Config
 
-    root = Path(__file__).resolve().parent.parent
+    # A source checkout has alembic.ini beside app/; an installed image runs from its directory.
+    checkout = Path(__file__).resolve().parent.parent
+    root = checkout if (checkout / "alembic.ini").exists() else Path.cwd()
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "migrations"))
     command.upgrade(config, "head")

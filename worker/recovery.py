@@ -28,7 +28,8 @@ def recover_stale_jobs() -> list[str]:
                 Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]), Job.heartbeat_at < cutoff
             )
         ).all()
-        for job_id, status, attempt in stale:
+        for job_id, stored_status, attempt in stale:
+            status = JobStatus(stored_status)
             if status == JobStatus.CANCELLING:
                 transition(
                     session,

@@ -89,7 +89,7 @@ def train(
                 student(train_split.x[idx]), train_split.teacher_logits[idx], train_split.y[idx]
             )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             # Sum on the device; .item() only once per epoch (each one is a sync point).
             for name, value in {"loss": loss.detach(), **terms}.items():
