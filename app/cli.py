@@ -6,12 +6,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import get_settings
 
+if TYPE_CHECKING:
+    from alembic.config import Config
 
-def migrate() -> None:
-    from alembic import command
+
+def alembic_config() -> "Config":
     from alembic.config import Config
 
     # A source checkout has alembic.ini beside app/; an installed image runs from its directory.
@@ -19,7 +22,13 @@ def migrate() -> None:
     root = checkout if (checkout / "alembic.ini").exists() else Path.cwd()
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "migrations"))
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate() -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(), "head")
 
 
 def worker_command(concurrency: int, beat: bool) -> list[str]:

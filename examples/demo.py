@@ -30,10 +30,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(client: httpx.Client, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def wait_ready(
+    client: httpx.Client, server: subprocess.Popen[bytes] | None, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
+        if server is not None and server.poll() is not None:
             raise SystemExit("Distill exited during start-up; see the log above.")
         try:
             if client.get("/readyz").status_code == 200:
@@ -105,6 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output")
+    parser.add_argument(
+        "--url", help="use a Distill already running there (server mode) instead of starting one"
+    )
     args = parser.parse_args()
 
     dataset = "builtin:fashion-mnist" if fashion_mnist_dir() else "builtin:digits"
@@ -123,15 +128,20 @@ def main() -> None:
         check=True,
     )
 
-    port = free_port()
-    print(f"2. Starting Distill (embedded) on port {port}", flush=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    server = None
+    if args.url is None:
+        port = free_port()
+        args.url = f"http://127.0.0.1:{port}"
+        print(f"2. Starting Distill (embedded) on port {port}", flush=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    else:
+        print(f"2. Using Distill at {args.url}", flush=True)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        with httpx.Client(base_url=args.url, timeout=120) as client:
             wait_ready(client, server)
             print("3. Uploading the teacher", flush=True)
             with open(teacher_path, "rb") as f:
@@ -186,9 +196,10 @@ def main() -> None:
             print(f"6. /predict on {len(data.x_test):,} test samples\n")
             print(table(result, correct / len(data.x_test)))
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
-        print("\nDistill stopped.")
+        if server is not None:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+            print("\nDistill stopped.")
 
 
 if __name__ == "__main__":
