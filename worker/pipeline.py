@@ -17,7 +17,7 @@ from app.db import session_scope
 from app.errors import AppError
 from app.jobs.schemas import DistillationSpec
 from app.jobs.service import transition
-from app.ml.architectures import build_model, parameter_count
+from app.ml.architectures import build_student, parameter_count
 from app.models import (
     Artifact,
     ArtifactFormat,
@@ -71,12 +71,16 @@ class JobReporter:
         self.job_id = job_id
         self.interval_s = interval_s
         self._last_beat = 0.0
+        self._fraction = 0.0
         self._cancel_requested = False
 
     def _beat(self, **values: Any) -> None:
+        """Write the heartbeat and the latest progress; read back the cancel flag."""
         with session_scope() as session:
             session.execute(
-                update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow(), **values)
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(heartbeat_at=utcnow(), progress=round(self._fraction, 4), **values)
             )
             self._cancel_requested = bool(
                 session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
@@ -89,8 +93,9 @@ class JobReporter:
 
     def progress(self, fraction: float) -> None:
         # Throttled: one small write every interval, however fast the steps are.
+        self._fraction = fraction
         if time.monotonic() - self._last_beat >= self.interval_s:
-            self._beat(progress=round(fraction, 4))
+            self._beat()
 
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
         with session_scope() as session:
@@ -249,7 +254,9 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
     test_split = _to_split((data.x_test, data.y_test, test_logits), device)
 
     reporter.phase(JobPhase.TRAINING)
-    student = build_model(spec.student, teacher.input_shape, teacher.num_classes).to(device)
+    student = build_student(
+        spec.student, teacher.input_shape, teacher.num_classes, fit_inputs=train_split.x
+    ).to(device)
     method = spec.distillation
     loss_fn = LOSSES[method.method](temperature=method.temperature, alpha=method.alpha)
     training = spec.training
