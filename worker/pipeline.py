@@ -34,7 +34,7 @@ from app.storage import get_store, sha256_file
 from worker.data import DatasetArrays, load_builtin, load_uploaded
 from worker.evaluation import accuracy, agreement, onnx_latency_ms
 from worker.export import export_onnx, write_artifact
-from worker.losses import LOSSES
+from worker.losses import build_loss
 from worker.teachers import TeacherRunner
 from worker.training.loop import LoopConfig, Split, predict_logits, train
 
@@ -257,8 +257,7 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
     student = build_student(
         spec.student, teacher.input_shape, teacher.num_classes, fit_inputs=train_split.x
     ).to(device)
-    method = spec.distillation
-    loss_fn = LOSSES[method.method](temperature=method.temperature, alpha=method.alpha)
+    loss_fn = build_loss(**spec.distillation.model_dump())
     training = spec.training
     outcome = train(
         student,

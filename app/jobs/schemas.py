@@ -1,20 +1,108 @@
 """The job spec users send, stored on the job row and validated again by the worker."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.ml.architectures import ModelSpec
 
+Temperature = Annotated[float, Field(gt=0.0, le=100.0, description="Softmax temperature T.")]
+Alpha = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        le=1.0,
+        description="Weight of the teacher term; `1 - alpha` weights cross-entropy on the labels.",
+    ),
+]
+Weight = Annotated[float, Field(ge=0.0, le=1000.0)]
 
-class KnowledgeDistillation(BaseModel):
-    """Hinton et al. 2015: ``alpha`` weights the soft-target term, ``1 - alpha`` the label term."""
 
+class _Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class KnowledgeDistillation(_Method):
+    """Hinton et al. 2015: `alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE`."""
+
     method: Literal["kd"] = "kd"
-    temperature: float = Field(default=4.0, gt=0.0, le=100.0)
-    alpha: float = Field(default=0.9, ge=0.0, le=1.0)
+    temperature: Temperature = 4.0
+    alpha: Alpha = 0.9
+
+
+class LogitMSE(_Method):
+    """Ba & Caruana 2014: `alpha * mean((s - t)^2) + (1 - alpha) * CE`."""
+
+    method: Literal["mse"]
+    alpha: Alpha = 0.9
+
+
+class DecoupledKD(_Method):
+    """Zhao et al. CVPR 2022: `ce_weight * CE + tckd_weight * TCKD + nckd_weight * NCKD` (the
+    paper's alpha is `tckd_weight`, its beta `nckd_weight`)."""
+
+    method: Literal["dkd"]
+    temperature: Temperature = 4.0
+    tckd_weight: Weight = 1.0
+    nckd_weight: Weight = 8.0
+
+
+class DIST(_Method):
+    """Huang et al. NeurIPS 2022: `CE + T^2 * (inter_weight * inter + intra_weight * intra)`,
+    with 1 - Pearson correlation between class-probability rows (inter) and columns (intra)."""
+
+    method: Literal["dist"]
+    temperature: Temperature = 1.0
+    inter_weight: Weight = 1.0
+    intra_weight: Weight = 1.0
+
+
+class StandardizedKD(_Method):
+    """Sun et al. CVPR 2024: Hinton KD on per-sample Z-scored logits."""
+
+    method: Literal["ls_kd"]
+    temperature: Temperature = 2.0
+    alpha: Alpha = 0.9
+
+
+class ForwardKL(_Method):
+    """Token-level `KL(p_t || p_s)` (mean-seeking), averaged over positions."""
+
+    method: Literal["forward_kl"]
+    temperature: Temperature = 1.0
+    alpha: Alpha = 1.0
+
+
+class ReverseKL(_Method):
+    """Token-level `KL(p_s || p_t)` (mode-seeking; MiniLLM), averaged over positions."""
+
+    method: Literal["reverse_kl"]
+    temperature: Temperature = 1.0
+    alpha: Alpha = 1.0
+
+
+class GeneralizedJSD(_Method):
+    """Agarwal et al. ICLR 2024 (GKD): `beta KL(p_t || m) + (1 - beta) KL(p_s || m)`,
+    `m = beta p_t + (1 - beta) p_s`."""
+
+    method: Literal["jsd"]
+    temperature: Temperature = 1.0
+    beta: float = Field(default=0.5, gt=0.0, lt=1.0)
+    alpha: Alpha = 1.0
+
+
+DistillationMethod = Annotated[
+    KnowledgeDistillation
+    | LogitMSE
+    | DecoupledKD
+    | DIST
+    | StandardizedKD
+    | ForwardKL
+    | ReverseKL
+    | GeneralizedJSD,
+    Field(discriminator="method"),
+]
 
 
 class Training(BaseModel):
@@ -33,7 +121,7 @@ class DistillationSpec(BaseModel):
         max_length=64,
     )
     student: ModelSpec
-    distillation: KnowledgeDistillation = KnowledgeDistillation()
+    distillation: DistillationMethod = KnowledgeDistillation()
     training: Training = Training()
 
 

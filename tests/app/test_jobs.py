@@ -35,9 +35,9 @@ def test_defaults_fill_everything_but_teacher_dataset_student(
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"distillation": {"method": "kd", "temperature": 0}}, "distillation.temperature"),
-        ({"distillation": {"method": "kd", "alpha": 1.5}}, "distillation.alpha"),
-        ({"distillation": {"method": "magic"}}, "distillation.method"),
+        ({"distillation": {"method": "kd", "temperature": 0}}, "distillation.kd.temperature"),
+        ({"distillation": {"method": "kd", "alpha": 1.5}}, "distillation.kd.alpha"),
+        ({"distillation": {"method": "magic"}}, "distillation"),
         ({"student": {"architecture": "transformer"}}, "student"),
         ({"student": {"architecture": "mlp", "hidden_sizes": [0]}}, "student.mlp.hidden_sizes.0"),
         ({"training": {"epochs": 0}}, "training.epochs"),
@@ -131,3 +131,40 @@ def test_malformed_json_is_422(client: TestClient) -> None:
     )
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method": "kd", "temperature": 1.0, "alpha": 0.5},
+        {"method": "mse"},
+        {"method": "dkd", "temperature": 4.0, "tckd_weight": 1.0, "nckd_weight": 8.0},
+        {"method": "dist", "inter_weight": 2.0, "intra_weight": 2.0},
+        {"method": "ls_kd"},
+        {"method": "forward_kl"},
+        {"method": "reverse_kl", "temperature": 2.0},
+        {"method": "jsd", "beta": 0.1},
+    ],
+)
+def test_every_method_is_selectable(
+    client: TestClient, teacher_id: object, method: dict[str, object]
+) -> None:
+    response = client.post("/v1/jobs", json=job_body(teacher_id, distillation=method))
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["distillation"]["method"] == method["method"]
+
+
+@pytest.mark.parametrize(
+    ("method", "field"),
+    [
+        ({"method": "jsd", "beta": 1.0}, "distillation.jsd.beta"),
+        ({"method": "dkd", "alpha": 1.0}, "distillation.dkd.alpha"),
+        ({"method": "dist", "temperature": -1}, "distillation.dist.temperature"),
+    ],
+)
+def test_method_parameters_are_checked(
+    client: TestClient, teacher_id: object, method: dict[str, object], field: str
+) -> None:
+    response = client.post("/v1/jobs", json=job_body(teacher_id, distillation=method))
+    assert response.status_code == 422
+    assert response.json()["field"] == field

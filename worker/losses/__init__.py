@@ -1,7 +1,58 @@
-"""Distillation losses, keyed by the name a job spec uses."""
+"""Distillation losses, keyed by the ``method`` a job spec names.
 
+Every entry takes the spec's parameters as keyword arguments and returns a module called as
+``loss(student_logits, teacher_logits, labels) -> (total, terms)``.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.losses.common import upcast
 from worker.losses.kd import KDLoss
+from worker.losses.logit import DISTLoss, DKDLoss, LogitMSELoss, StandardizedKDLoss
+from worker.losses.token import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss
 
-LOSSES = {"kd": KDLoss}
 
-__all__ = ["LOSSES", "KDLoss"]
+class WithLabels(nn.Module):
+    """A teacher-only divergence mixed with cross-entropy: ``alpha * div + (1 - alpha) * CE``."""
+
+    def __init__(self, divergence: nn.Module, alpha: float) -> None:
+        super().__init__()
+        self.divergence, self.alpha = divergence, alpha
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        divergence, terms = self.divergence(student_logits, teacher_logits)
+        ce = F.cross_entropy(upcast(student_logits), labels)
+        total = self.alpha * divergence + (1.0 - self.alpha) * ce
+        return total, {**terms, "ce_loss": ce.detach()}
+
+
+def _with_labels(divergence: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def build(alpha: float, **params: float) -> nn.Module:
+        return WithLabels(divergence(**params), alpha)
+
+    return build
+
+
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "kd": KDLoss,
+    "mse": LogitMSELoss,
+    "dkd": DKDLoss,
+    "dist": DISTLoss,
+    "ls_kd": StandardizedKDLoss,
+    "forward_kl": _with_labels(ForwardKLLoss),
+    "reverse_kl": _with_labels(ReverseKLLoss),
+    "jsd": _with_labels(GeneralizedJSDLoss),
+}
+
+
+def build_loss(method: str, **params: float) -> nn.Module:
+    return LOSSES[method](**params)
+
+
+__all__ = ["LOSSES", "KDLoss", "build_loss"]

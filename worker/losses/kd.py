@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.losses.common import upcast
+
 
 class KDLoss(nn.Module):
     """Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
@@ -24,12 +26,12 @@ class KDLoss(nn.Module):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self.temperature
-        student_log_p = F.log_softmax(student_logits.float() / t, dim=-1)
-        teacher_log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        student_log_p = F.log_softmax(upcast(student_logits) / t, dim=-1)
+        teacher_log_p = F.log_softmax(upcast(teacher_logits) / t, dim=-1)
         # kl_div(input=log q_student, target=log p_teacher) = KL(p_teacher || q_student).
         soft = (
             F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="batchmean") * t * t
         )
-        hard = F.cross_entropy(student_logits.float(), labels)
+        hard = F.cross_entropy(upcast(student_logits), labels)
         total = self.alpha * soft + (1.0 - self.alpha) * hard
         return total, {"kd_loss": soft.detach(), "ce_loss": hard.detach()}

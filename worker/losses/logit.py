@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Terms = dict[str, torch.Tensor]
+from worker.losses.common import Terms, upcast
 
 
 class LogitMSELoss(nn.Module):
@@ -14,15 +14,15 @@ class LogitMSELoss(nn.Module):
     ``loss = alpha * mean_{b,c} (s - t)^2 + (1 - alpha) * CE(s, y)``
     """
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    def __init__(self, alpha: float = 0.9) -> None:
         super().__init__()
         self.alpha = alpha
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, Terms]:
-        mse = F.mse_loss(student_logits.float(), teacher_logits.float())
-        ce = F.cross_entropy(student_logits.float(), labels)
+        mse = F.mse_loss(upcast(student_logits), upcast(teacher_logits))
+        ce = F.cross_entropy(upcast(student_logits), labels)
         total = self.alpha * mse + (1.0 - self.alpha) * ce
         return total, {"mse_loss": mse.detach(), "ce_loss": ce.detach()}
 
@@ -33,20 +33,21 @@ class DKDLoss(nn.Module):
     With ``p = softmax(z / T)`` and the target class ``y``:
     TCKD = ``T^2 * KL([p_t^y, 1 - p_t^y] || [p_s^y, 1 - p_s^y])`` (binary: target vs the rest);
     NCKD = ``T^2 * KL(p̂_t || p̂_s)``, ``p̂`` the softmax over the non-target classes only.
-    ``loss = CE(s, y) + alpha * TCKD + beta * NCKD``, KL averaged over the batch. The paper's
-    defaults are ``alpha=1, beta=8, T=4``; the authors' linear warm-up of the KD terms is left to
-    the schedule, not the loss.
+    ``loss = CE(s, y) + tckd_weight * TCKD + nckd_weight * NCKD`` (the paper's alpha and beta),
+    KL averaged over the batch. The paper's defaults: ``tckd_weight=1, nckd_weight=8, T=4``.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0) -> None:
+    def __init__(
+        self, temperature: float = 4.0, tckd_weight: float = 1.0, nckd_weight: float = 8.0
+    ) -> None:
         super().__init__()
-        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        self.temperature, self.tckd_weight, self.nckd_weight = temperature, tckd_weight, nckd_weight
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, Terms]:
         t = self.temperature
-        s, te = student_logits.float() / t, teacher_logits.float() / t
+        s, te = upcast(student_logits) / t, upcast(teacher_logits) / t
         target = F.one_hot(labels, s.shape[-1]).bool()
         p_s, p_t = s.softmax(-1), te.softmax(-1)
         # Binary target / non-target distributions.
@@ -58,8 +59,8 @@ class DKDLoss(nn.Module):
         masked_t = te.masked_fill(target, float("-inf")).log_softmax(-1)
         nckd_terms = masked_t.exp() * (masked_t - masked_s)
         nckd = nckd_terms.masked_fill(target, 0.0).sum(-1).mean() * t * t
-        ce = F.cross_entropy(student_logits.float(), labels)
-        total = ce + self.alpha * tckd + self.beta * nckd
+        ce = F.cross_entropy(upcast(student_logits), labels)
+        total = ce + self.tckd_weight * tckd + self.nckd_weight * nckd
         return total, {
             "tckd_loss": tckd.detach(),
             "nckd_loss": nckd.detach(),
@@ -80,23 +81,27 @@ class DISTLoss(nn.Module):
     With ``Y = softmax(z / T)`` row-wise (``[B, C]``):
     inter-class = mean over samples of ``1 - pearson(Y_s[b], Y_t[b])``;
     intra-class = mean over classes of ``1 - pearson(Y_s[:, c], Y_t[:, c])``.
-    ``loss = CE(s, y) + T^2 * (beta * inter + gamma * intra)``; defaults ``beta = gamma = 1``.
+    ``loss = CE(s, y) + T^2 * (inter_weight * inter + intra_weight * intra)`` (the paper's beta
+    and gamma; both 1 by default, with ``T = 1``).
     """
 
-    def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> None:
+    def __init__(
+        self, temperature: float = 1.0, inter_weight: float = 1.0, intra_weight: float = 1.0
+    ) -> None:
         super().__init__()
-        self.temperature, self.beta, self.gamma = temperature, beta, gamma
+        self.temperature = temperature
+        self.inter_weight, self.intra_weight = inter_weight, intra_weight
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, Terms]:
         t = self.temperature
-        y_s = (student_logits.float() / t).softmax(-1)
-        y_t = (teacher_logits.float() / t).softmax(-1)
+        y_s = (upcast(student_logits) / t).softmax(-1)
+        y_t = (upcast(teacher_logits) / t).softmax(-1)
         inter = _pearson_distance(y_s, y_t) * t * t
         intra = _pearson_distance(y_s.T, y_t.T) * t * t
-        ce = F.cross_entropy(student_logits.float(), labels)
-        total = ce + self.beta * inter + self.gamma * intra
+        ce = F.cross_entropy(upcast(student_logits), labels)
+        total = ce + self.inter_weight * inter + self.intra_weight * intra
         return total, {
             "inter_loss": inter.detach(),
             "intra_loss": intra.detach(),
@@ -125,9 +130,9 @@ class StandardizedKDLoss(nn.Module):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, Terms]:
         t = self.temperature
-        log_s = (standardize(student_logits.float()) / t).log_softmax(-1)
-        log_t = (standardize(teacher_logits.float()) / t).log_softmax(-1)
+        log_s = (standardize(upcast(student_logits)) / t).log_softmax(-1)
+        log_t = (standardize(upcast(teacher_logits)) / t).log_softmax(-1)
         soft = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * t * t
-        ce = F.cross_entropy(student_logits.float(), labels)
+        ce = F.cross_entropy(upcast(student_logits), labels)
         total = self.alpha * soft + (1.0 - self.alpha) * ce
         return total, {"kd_loss": soft.detach(), "ce_loss": ce.detach()}

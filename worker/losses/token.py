@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-Terms = dict[str, torch.Tensor]
+from worker.losses.common import Terms, upcast
 
 
 def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -39,8 +39,8 @@ class ForwardKLLoss(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Terms]:
         t = self.temperature
-        log_s = (student_logits.float() / t).log_softmax(-1)
-        log_t = (teacher_logits.float() / t).log_softmax(-1)
+        log_s = (upcast(student_logits) / t).log_softmax(-1)
+        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
         loss = _masked_mean(_kl(log_t, log_s), mask) * t * t
         return loss, {"forward_kl": loss.detach()}
 
@@ -60,8 +60,8 @@ class ReverseKLLoss(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Terms]:
         t = self.temperature
-        log_s = (student_logits.float() / t).log_softmax(-1)
-        log_t = (teacher_logits.float() / t).log_softmax(-1)
+        log_s = (upcast(student_logits) / t).log_softmax(-1)
+        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
         loss = _masked_mean(_kl(log_s, log_t), mask) * t * t
         return loss, {"reverse_kl": loss.detach()}
 
@@ -88,8 +88,8 @@ class GeneralizedJSDLoss(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Terms]:
         t, beta = self.temperature, self.beta
-        log_s = (student_logits.float() / t).log_softmax(-1)
-        log_t = (teacher_logits.float() / t).log_softmax(-1)
+        log_s = (upcast(student_logits) / t).log_softmax(-1)
+        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
         # log m computed stably: logsumexp of the two weighted log-probabilities.
         log_m = torch.logsumexp(
             torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0
