@@ -118,6 +118,9 @@ def test_job_runs_end_to_end(
         100 * result["student_accuracy"] / result["teacher_accuracy"]
     )
     assert result["student_latency_ms"] > 0 and result["teacher_latency_ms"] > 0
+    assert result["teacher_outputs_cached"] is False and result["resumed_from_epoch"] is None
+    assert len(result["student_per_class_accuracy"]) == 10
+    assert 0 <= result["student_ece"] <= 1 and result["kl_to_teacher"] > 0
 
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
     assert [m["epoch"] for m in metrics] == list(range(1, 7))
@@ -127,6 +130,8 @@ def test_job_runs_end_to_end(
         "train_ce_loss",
         "val_accuracy",
         "val_agreement",
+        "val_kl_to_teacher",
+        "val_ece",
         "teacher_val_accuracy",
     } <= set(metrics[0]["values"])
     assert job["latest_metrics"]["epoch"] == 6
@@ -174,7 +179,7 @@ def test_running_job_is_cancelled(
     assert client.get(f"/v1/jobs/{job_id}/artifact").status_code == 409
 
 
-def test_killed_worker_job_is_recovered(
+def test_killed_worker_job_resumes_from_its_checkpoint(
     client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
 ) -> None:
     fast_recovery = {"DISTILL_JOB_STALE_AFTER_S": "4", "DISTILL_RECOVERY_INTERVAL_S": "1"}
@@ -182,14 +187,21 @@ def test_killed_worker_job_is_recovered(
     teacher = upload_teacher(client, digits_teacher)
     body = job_body(teacher["id"], training={"epochs": 40, "batch_size": 16})
     job_id = client.post("/v1/jobs", json=body).json()["id"]
-    wait_for(client, job_id, lambda j: j["phase"] == "training" and j["latest_metrics"] is not None)
+    wait_for(
+        client, job_id, lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 3, timeout=120
+    )
     os.killpg(first.pid, signal.SIGKILL)  # the whole worker, as a lost machine would
     first.wait()
-    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    killed_at = client.get(f"/v1/jobs/{job_id}").json()
+    assert killed_at["status"] == "running"
 
     start_worker(beat=True, **fast_recovery)
     job = wait_for(client, job_id, is_terminal, timeout=180)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempt"] == 2
+    # It went on from the last epoch checkpointed before the kill, not from the start.
+    resumed_from = job["result"]["resumed_from_epoch"]
+    assert 3 <= resumed_from <= killed_at["latest_metrics"]["epoch"] + 1
+    assert job["result"]["teacher_outputs_cached"] is True
     epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]]
     assert epochs == list(range(1, 41))

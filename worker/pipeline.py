@@ -31,14 +31,17 @@ from app.models import (
     utcnow,
 )
 from app.storage import get_store, sha256_file
+from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.data import DatasetArrays, load_builtin, load_uploaded
-from worker.evaluation import accuracy, agreement, onnx_latency_ms
+from worker.evaluation import logit_metrics, onnx_latency_ms, per_class_accuracy
 from worker.export import export_onnx, write_artifact
 from worker.losses import build_loss
+from worker.teacher_cache import cache_key, cached_teacher_logits
 from worker.teachers import TeacherRunner
-from worker.training.loop import LoopConfig, Split, predict_logits, train
+from worker.training.loop import Split, predict_logits, train
 
 log = logging.getLogger(__name__)
+TEACHER_CACHE_PREFIX = "cache/teacher-outputs"
 VALIDATION_FRACTION = 0.1
 MAX_VALIDATION = 10_000
 
@@ -122,10 +125,15 @@ def claim(job_id: str, max_attempts: int) -> bool:
                 error=None,
             )
         ).rowcount  # type: ignore[attr-defined]
-        if claimed:
-            # A retried job starts over: drop the metrics of the attempt that died.
-            session.execute(delete(JobMetric).where(JobMetric.job_id == job_id))
     return bool(claimed)
+
+
+def forget_metrics_after(job_id: str, epoch: int) -> None:
+    """Drop per-epoch rows that the checkpoint being resumed from does not cover."""
+    with session_scope() as session:
+        session.execute(
+            delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch > epoch)
+        )
 
 
 def finish(job_id: str, status: JobStatus, **values: Any) -> bool:
@@ -232,6 +240,7 @@ def run_job(job_id: str) -> None:
 def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float) -> None:
     spec, teacher, attempt = _load_job(job_id)
     device = choose_device(settings)
+    store = get_store()
     torch.manual_seed(spec.training.seed)
 
     reporter.phase(JobPhase.VALIDATING)
@@ -245,68 +254,88 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
     runner = TeacherRunner(teacher.path, teacher.format, teacher.architecture, device)
 
     reporter.phase(JobPhase.TEACHER_OUTPUTS)
-    train_logits = runner.logits(data.x_train)
-    test_logits = runner.logits(data.x_test)
+    dataset_digest = data.digest()
+    logits, cache_hit = cached_teacher_logits(
+        store.path(TEACHER_CACHE_PREFIX),
+        cache_key(teacher.sha256, dataset_digest),
+        {"train": data.x_train, "test": data.x_test},
+        runner.logits,
+    )
     train_arrays, val_arrays = _split_validation(
-        data.x_train, data.y_train, train_logits, spec.training.seed
+        data.x_train, data.y_train, logits["train"], spec.training.seed
     )
     train_split, val_split = _to_split(train_arrays, device), _to_split(val_arrays, device)
-    test_split = _to_split((data.x_test, data.y_test, test_logits), device)
+    test_split = _to_split((data.x_test, data.y_test, logits["test"]), device)
 
     reporter.phase(JobPhase.TRAINING)
     student = build_student(
         spec.student, teacher.input_shape, teacher.num_classes, fit_inputs=train_split.x
     ).to(device)
-    loss_fn = build_loss(**spec.distillation.model_dump())
-    training = spec.training
+    checkpoint_path = store.path(f"checkpoints/{job_id}/last.safetensors")
+    resume = load_checkpoint(checkpoint_path)
+    resumed_from_epoch = resume.epoch if resume else None
+    forget_metrics_after(job_id, resumed_from_epoch or 0)
+    if resume is not None:
+        log.info("job.resume", extra={"job_id": job_id, "epoch": resumed_from_epoch})
     outcome = train(
         student,
-        loss_fn,
+        build_loss(**spec.distillation.model_dump()),
         train_split,
         val_split,
-        LoopConfig(training.epochs, training.batch_size, training.learning_rate, training.seed),
+        spec.training,
         reporter,
         reporter.should_stop,
+        lambda state: save_checkpoint(state, checkpoint_path),
+        resume=resume,
+        # bf16 autocast on CUDA: matmuls on tensor cores; losses upcast to float32 themselves.
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )
     if outcome.stopped:
-        finish(
-            job_id,
-            JobStatus.CANCELLED,
-            error={"code": "cancelled", "detail": "Cancelled by request."},
-        )
+        finish(job_id, JobStatus.CANCELLED, error={"code": "cancelled", "detail": "Cancelled."})
         return
 
     reporter.phase(JobPhase.EVALUATING)
-    student.load_state_dict(outcome.best_state)
-    student_test_logits = predict_logits(student, test_split.x, 4096)
-    student_accuracy = accuracy(student_test_logits, test_split.y)
-    teacher_accuracy = accuracy(test_split.teacher_logits, test_split.y)
+    student.load_state_dict(outcome.state.best_state)
+    student_logits = predict_logits(student, test_split.x)
+    student_test = logit_metrics(student_logits, test_split.teacher_logits, test_split.y)
+    teacher_test = logit_metrics(test_split.teacher_logits, test_split.teacher_logits, test_split.y)
     student_parameters = parameter_count(student)
-
-    reporter.phase(JobPhase.EXPORTING)
-    store = get_store()
-    artifact_prefix = f"artifacts/{job_id}/attempt-{attempt}"
-    directory = store.path(artifact_prefix)
+    classes = data.classes + [str(i) for i in range(len(data.classes), teacher.num_classes)]
     result: dict[str, Any] = {
-        "student_accuracy": student_accuracy,
-        "teacher_accuracy": teacher_accuracy,
-        "accuracy_retained": 100.0 * student_accuracy / teacher_accuracy
-        if teacher_accuracy
+        "student_accuracy": student_test["accuracy"],
+        "teacher_accuracy": teacher_test["accuracy"],
+        "accuracy_retained": 100.0 * student_test["accuracy"] / teacher_test["accuracy"]
+        if teacher_test["accuracy"]
         else None,
-        "agreement": agreement(student_test_logits, test_split.teacher_logits),
+        "agreement": student_test["agreement"],
+        "kl_to_teacher": student_test["kl_to_teacher"],
+        "student_ece": student_test["ece"],
+        "teacher_ece": teacher_test["ece"],
+        "student_per_class_accuracy": per_class_accuracy(
+            student_logits, test_split.y, teacher.num_classes
+        ),
+        "teacher_per_class_accuracy": per_class_accuracy(
+            test_split.teacher_logits, test_split.y, teacher.num_classes
+        ),
         "student_parameters": student_parameters,
         "teacher_parameters": teacher.parameter_count,
         "compression_ratio": teacher.parameter_count / student_parameters,
-        "best_epoch": outcome.best_epoch,
-        "best_val_accuracy": outcome.best_val_accuracy,
+        "best_epoch": outcome.state.best_epoch,
+        "best_val_accuracy": outcome.state.best_val_accuracy,
+        "epochs_run": outcome.state.epoch,
+        "early_stopped": outcome.early_stopped,
+        "resumed_from_epoch": resumed_from_epoch,
+        "teacher_outputs_cached": cache_hit,
         "train_samples": len(train_split),
         "val_samples": len(val_split),
         "test_samples": len(test_split),
         "device": str(device),
     }
-    classes = data.classes + [str(i) for i in range(len(data.classes), teacher.num_classes)]
+
+    reporter.phase(JobPhase.EXPORTING)
+    artifact_prefix = f"artifacts/{job_id}/attempt-{attempt}"
     paths = write_artifact(
-        directory,
+        store.path(artifact_prefix),
         model=student,
         input_shape=teacher.input_shape,
         manifest_fields={
@@ -315,7 +344,7 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
             "classes": classes,
             "metrics": result,
             "teacher": {"id": teacher.id, "sha256": teacher.sha256, "format": teacher.format},
-            "dataset": {"ref": spec.dataset, "sha256": data.digest()},
+            "dataset": {"ref": spec.dataset, "sha256": dataset_digest},
         },
     )
     student_latency = onnx_latency_ms(paths[ArtifactFormat.ONNX], teacher.input_shape)
@@ -328,12 +357,13 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
         "speedup": teacher_latency / student_latency,
         "wall_seconds": time.perf_counter() - started,
     }
-    _finalize(job_id, artifact_prefix, paths, result)
+    if _finalize(job_id, artifact_prefix, paths, result):
+        store.delete_tree(f"checkpoints/{job_id}")
 
 
 def _finalize(
     job_id: str, prefix: str, paths: dict[ArtifactFormat, Path], result: dict[str, Any]
-) -> None:
+) -> bool:
     with session_scope() as session:
         done = transition(
             session,
@@ -348,7 +378,7 @@ def _finalize(
         )
         if not done:
             log.warning("job.finalize_lost", extra={"job_id": job_id})
-            return
+            return False
         session.execute(delete(Artifact).where(Artifact.job_id == job_id))
         for fmt, path in paths.items():
             session.add(
@@ -360,3 +390,4 @@ def _finalize(
                     size_bytes=path.stat().st_size,
                 )
             )
+    return True

@@ -111,6 +111,20 @@ class Training(BaseModel):
     batch_size: int = Field(default=128, ge=1, le=65_536)
     learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only.")
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        default="constant",
+        description="`cosine` decays to zero over the run; `step` multiplies by `step_gamma` "
+        "every `step_epochs`.",
+    )
+    step_epochs: int = Field(default=30, ge=1, le=1000)
+    step_gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    grad_clip_norm: float | None = Field(default=None, gt=0.0)
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many epochs without a better val accuracy."
+    )
 
 
 class DistillationSpec(BaseModel):

@@ -1,16 +1,19 @@
-"""The distillation loop: pure torch, no database. It reports through a MetricSink and asks
-``should_stop`` between steps, so the pipeline decides what progress and cancel mean."""
+"""The distillation loop: pure torch, no database. It reports through a MetricSink, asks
+``should_stop`` between steps, and hands a checkpoint to ``save_checkpoint`` after every epoch, so
+the pipeline decides what progress, cancel and persistence mean."""
 
 import copy
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from worker.evaluation import accuracy, agreement
+from app.jobs.schemas import Training
+from worker.evaluation import logit_metrics
 
 LossFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -35,25 +38,48 @@ class Split:
         return len(self.y)
 
 
-@dataclass(frozen=True)
-class LoopConfig:
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    seed: int
-    eval_batch_size: int = 4096
+@dataclass
+class LoopState:
+    """Everything needed to continue a run exactly where an epoch ended."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    epochs_without_improvement: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer_state: dict[str, object] = field(default_factory=dict)
+    model_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    generator_state: torch.Tensor | None = None
 
 
 @dataclass
 class LoopOutcome:
-    best_state: dict[str, torch.Tensor]
-    best_epoch: int
-    best_val_accuracy: float
+    state: LoopState
     stopped: bool
+    early_stopped: bool = False
+
+
+def make_optimizer(params: list[nn.Parameter], training: Training) -> torch.optim.Optimizer:
+    lr, wd = training.learning_rate, training.weight_decay
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=training.momentum, weight_decay=wd)
+    if training.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+
+
+def learning_rate(training: Training, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The rate at an optimisation step, from the step alone (so a resumed run needs no state)."""
+    base = training.learning_rate
+    if training.schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    if training.schedule == "step":
+        return base * training.step_gamma ** ((step // steps_per_epoch) // training.step_epochs)
+    return base
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
@@ -63,53 +89,83 @@ def train(
     loss_fn: LossFn,
     train_split: Split,
     val_split: Split,
-    config: LoopConfig,
+    training: Training,
     sink: MetricSink,
     should_stop: Callable[[], bool],
+    save_checkpoint: Callable[[LoopState], None],
+    resume: LoopState | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> LoopOutcome:
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.learning_rate)
-    n = len(train_split)
-    steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
-    teacher_val_accuracy = accuracy(val_split.teacher_logits, val_split.y)
-    best = LoopOutcome(copy.deepcopy(student.state_dict()), 0, -1.0, stopped=False)
+    device = train_split.x.device
+    optimizer = make_optimizer(list(student.parameters()), training)
+    generator = torch.Generator().manual_seed(training.seed)
+    state = resume or LoopState(best_state=copy.deepcopy(student.state_dict()))
+    if resume is not None:
+        student.load_state_dict(resume.model_state)
+        optimizer.load_state_dict(resume.optimizer_state)
+        assert resume.generator_state is not None
+        generator.set_state(resume.generator_state)
 
-    for epoch in range(1, config.epochs + 1):
+    n = len(train_split)
+    steps_per_epoch = math.ceil(n / training.batch_size)
+    total_steps = training.epochs * steps_per_epoch
+    teacher_val = logit_metrics(val_split.teacher_logits, val_split.teacher_logits, val_split.y)
+
+    for epoch in range(state.epoch + 1, training.epochs + 1):
         student.train()
         started = time.perf_counter()
         # Batches by indexing one permutation of the in-memory tensors: no per-sample Python.
-        order = torch.randperm(n, generator=generator).to(train_split.x.device)
+        order = torch.randperm(n, generator=generator).to(device)
         totals: dict[str, torch.Tensor] = {}
         for step in range(steps_per_epoch):
             if should_stop():
-                best.stopped = True
-                return best
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            loss, terms = loss_fn(
-                student(train_split.x[idx]), train_split.teacher_logits[idx], train_split.y[idx]
-            )
+                return LoopOutcome(state, stopped=True)
+            global_step = (epoch - 1) * steps_per_epoch + step
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(training, global_step, total_steps, steps_per_epoch)
+            idx = order[step * training.batch_size : (step + 1) * training.batch_size]
+            with torch.autocast(
+                device.type,
+                dtype=autocast_dtype or torch.bfloat16,
+                enabled=autocast_dtype is not None,
+            ):
+                logits = student(train_split.x[idx])
+            loss, terms = loss_fn(logits, train_split.teacher_logits[idx], train_split.y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
+            if training.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip_norm)
             optimizer.step()
             # Sum on the device; .item() only once per epoch (each one is a sync point).
             for name, value in {"loss": loss.detach(), **terms}.items():
-                totals[name] = totals.get(name, torch.zeros((), device=value.device)) + value
-            sink.progress(
-                ((epoch - 1) * steps_per_epoch + step + 1) / (config.epochs * steps_per_epoch)
-            )
+                totals[name] = totals.get(name, torch.zeros((), device=device)) + value
+            sink.progress((global_step + 1) / total_steps)
 
-        val_logits = predict_logits(student, val_split.x, config.eval_batch_size)
+        seconds = time.perf_counter() - started
+        val = logit_metrics(
+            predict_logits(student, val_split.x), val_split.teacher_logits, val_split.y
+        )
         values = {f"train_{k}": (v / steps_per_epoch).item() for k, v in totals.items()}
+        values |= {f"val_{k}": v for k, v in val.items()}
         values |= {
-            "val_accuracy": accuracy(val_logits, val_split.y),
-            "teacher_val_accuracy": teacher_val_accuracy,
-            "val_agreement": agreement(val_logits, val_split.teacher_logits),
-            "epoch_seconds": time.perf_counter() - started,
-            "samples_per_second": n / (time.perf_counter() - started),
+            "teacher_val_accuracy": teacher_val["accuracy"],
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": seconds,
+            "samples_per_second": n / seconds,
         }
+        state.epoch = epoch
+        if val["accuracy"] > state.best_val_accuracy:
+            state.best_epoch, state.best_val_accuracy = epoch, val["accuracy"]
+            state.best_state = copy.deepcopy(student.state_dict())
+            state.epochs_without_improvement = 0
+        else:
+            state.epochs_without_improvement += 1
+        state.model_state = student.state_dict()
+        state.optimizer_state = optimizer.state_dict()
+        state.generator_state = generator.get_state()
         sink.epoch_end(epoch, values)
-        if values["val_accuracy"] > best.best_val_accuracy:
-            best = LoopOutcome(
-                copy.deepcopy(student.state_dict()), epoch, values["val_accuracy"], stopped=False
-            )
-    return best
+        save_checkpoint(state)
+        patience = training.early_stopping_patience
+        if patience is not None and state.epochs_without_improvement >= patience:
+            return LoopOutcome(state, stopped=False, early_stopped=True)
+    return LoopOutcome(state, stopped=False)

@@ -1,0 +1,193 @@
+"""The loop on tiny data: schedules, early stopping, checkpoints, exact resume; the teacher cache;
+a frozen teacher; the evaluation metrics on known cases."""
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from app.jobs.schemas import Training
+from app.ml.architectures import MlpSpec, build_model, build_student
+from worker.checkpoints import load_checkpoint, save_checkpoint
+from worker.evaluation import expected_calibration_error, kl_to_teacher, per_class_accuracy
+from worker.losses import KDLoss
+from worker.teacher_cache import cache_key, cached_teacher_logits
+from worker.teachers import TeacherRunner
+from worker.training.loop import LoopState, Split, learning_rate, train
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, dict[str, float]]] = []
+
+    def progress(self, fraction: float) -> None:
+        assert 0.0 < fraction <= 1.0
+
+    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        self.epochs.append((epoch, values))
+
+
+def splits() -> tuple[Split, Split]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=generator)
+    teacher = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        logits = teacher(x)
+    y = logits.argmax(-1)
+    return Split(x[:160], y[:160], logits[:160]), Split(x[160:], y[160:], logits[160:])
+
+
+def student() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_student(MlpSpec(hidden_sizes=[8]), (6,), 3)
+
+
+def run(
+    training: Training, resume: LoopState | None = None, checkpoints: list[LoopState] | None = None
+) -> tuple[torch.nn.Module, Recorder, LoopState]:
+    model, recorder = student(), Recorder()
+    train_split, val_split = splits()
+    outcome = train(
+        model,
+        KDLoss(),
+        train_split,
+        val_split,
+        training,
+        recorder,
+        lambda: False,
+        lambda state: (checkpoints if checkpoints is not None else []).append(copy.deepcopy(state)),
+        resume=resume,
+    )
+    return model, recorder, outcome.state
+
+
+def test_resume_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
+    training = Training(epochs=4, batch_size=16, learning_rate=0.01, schedule="cosine")
+    straight, _, _ = run(training)
+    checkpoints: list[LoopState] = []
+    run(training.model_copy(update={"epochs": 4}), checkpoints=checkpoints)
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(checkpoints[1], path)  # as if the worker died after epoch 2
+    state = load_checkpoint(path)
+    assert state is not None and state.epoch == 2
+    resumed, recorder, final = run(training, resume=state)
+    assert [epoch for epoch, _ in recorder.epochs] == [3, 4]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert final.epoch == 4
+
+
+def test_sgd_checkpoint_round_trip(tmp_path: Path) -> None:
+    checkpoints: list[LoopState] = []
+    run(
+        Training(epochs=1, batch_size=32, optimizer="sgd", weight_decay=1e-4),
+        checkpoints=checkpoints,
+    )
+    save_checkpoint(checkpoints[0], tmp_path / "c.safetensors")
+    loaded = load_checkpoint(tmp_path / "c.safetensors")
+    assert loaded is not None
+    assert loaded.optimizer_state["param_groups"][0]["momentum"] == 0.9  # type: ignore[index]
+    assert load_checkpoint(tmp_path / "missing.safetensors") is None
+
+
+def test_metrics_per_epoch_and_best_student() -> None:
+    _, recorder, state = run(Training(epochs=3, batch_size=16, learning_rate=0.01))
+    assert [e for e, _ in recorder.epochs] == [1, 2, 3]
+    values = recorder.epochs[-1][1]
+    for key in (
+        "train_loss",
+        "train_kd_loss",
+        "train_ce_loss",
+        "val_accuracy",
+        "val_agreement",
+        "val_kl_to_teacher",
+        "val_ece",
+        "teacher_val_accuracy",
+        "learning_rate",
+    ):
+        assert key in values
+    assert values["teacher_val_accuracy"] == 1.0
+    best = max(v["val_accuracy"] for _, v in recorder.epochs)
+    assert state.best_val_accuracy == best
+
+
+def test_early_stopping() -> None:
+    # A learning rate of ~0 cannot improve on epoch 1: patience 2 stops after epoch 3.
+    training = Training(epochs=10, batch_size=16, learning_rate=1e-12, early_stopping_patience=2)
+    _, recorder, state = run(training)
+    assert [e for e, _ in recorder.epochs] == [1, 2, 3]
+    assert state.best_epoch == 1
+
+
+def test_learning_rate_schedules() -> None:
+    cosine = Training(learning_rate=0.1, schedule="cosine")
+    assert learning_rate(cosine, 0, 100, 10) == pytest.approx(0.1)
+    assert learning_rate(cosine, 50, 100, 10) == pytest.approx(0.05)
+    assert learning_rate(cosine, 100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    step = Training(learning_rate=0.1, schedule="step", step_epochs=2, step_gamma=0.5)
+    assert [learning_rate(step, s, 100, 10) for s in (0, 19, 20, 40)] == pytest.approx(
+        [0.1, 0.1, 0.05, 0.025]
+    )
+    assert learning_rate(Training(learning_rate=0.3), 77, 100, 10) == 0.3
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    _, recorder, _ = run(Training(epochs=1, batch_size=16, grad_clip_norm=1e-6, learning_rate=0.01))
+    assert recorder.epochs
+
+
+def test_teacher_cache_computes_once(tmp_path: Path) -> None:
+    calls = []
+
+    def compute(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return x[:, :2] * 2
+
+    splits_ = {"train": np.ones((5, 3), np.float32), "test": np.zeros((2, 3), np.float32)}
+    key = cache_key("teacher-sha", "dataset-digest")
+    first, hit = cached_teacher_logits(tmp_path, key, splits_, compute)
+    assert not hit and calls == [5, 2]
+    second, hit = cached_teacher_logits(tmp_path, key, splits_, compute)
+    assert hit and calls == [5, 2]
+    assert np.array_equal(first["train"], second["train"])
+    assert cache_key("teacher-sha", "other") != key
+
+
+def test_safetensors_teacher_is_frozen_in_eval_mode(tmp_path: Path) -> None:
+    spec = MlpSpec(hidden_sizes=[16], dropout=0.5)
+    model = build_model(spec, (4,), 3)
+    save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
+    config = {"architecture": spec.model_dump(), "input_shape": [4], "num_classes": 3}
+    runner = TeacherRunner(tmp_path / "t.safetensors", "safetensors", config, torch.device("cpu"))
+    assert runner.model is not None and not runner.model.training
+    assert not any(p.requires_grad for p in runner.model.parameters())
+    x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    assert np.array_equal(runner.logits(x), runner.logits(x))  # dropout is off
+
+
+def test_kl_to_teacher_known_case() -> None:
+    student, teacher = torch.zeros(1, 2), torch.tensor([[0.0, math.log(3.0)]])
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert kl_to_teacher(student, teacher) == pytest.approx(expected)
+    assert kl_to_teacher(teacher, teacher) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_expected_calibration_error_known_cases() -> None:
+    # Confidence 0.75 on every sample (2 classes, logits [0, ln 3]); 3 of 4 correct: ECE 0.
+    logits = torch.tensor([[0.0, math.log(3.0)]] * 4)
+    assert expected_calibration_error(logits, torch.tensor([1, 1, 1, 0])) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    # All wrong at confidence 0.75: ECE 0.75. All right: ECE 0.25.
+    assert expected_calibration_error(logits, torch.tensor([0, 0, 0, 0])) == pytest.approx(0.75)
+    assert expected_calibration_error(logits, torch.tensor([1, 1, 1, 1])) == pytest.approx(0.25)
+
+
+def test_per_class_accuracy() -> None:
+    logits = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    assert per_class_accuracy(logits, labels, 3) == [1.0, 0.5, None]
