@@ -13,6 +13,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -113,6 +114,7 @@ class Dataset(Base):
     train_size: Mapped[int]
     test_size: Mapped[int]
     has_test_split: Mapped[bool]
+    labelled: Mapped[bool] = mapped_column(default=True, server_default=true())
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.conftest import REDIS_URL, Stack, TeacherFiles, job_body, upload_teacher
+from tests.conftest import REDIS_URL, Stack, TeacherFiles, job_body, npz_bytes, upload_teacher
 from worker.data import load_builtin
 
 pytestmark = pytest.mark.e2e
@@ -155,6 +155,16 @@ def test_job_runs_end_to_end(
     assert probabilities.shape == (len(data.x_test), 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
+    # Label-free: an unlabelled transfer set (with a labelled test split) and the same teacher.
+    transfer = npz_bytes(x=data.x_train, x_test=data.x_test, y_test=data.y_test)
+    dataset = client.post("/v1/datasets", files={"file": ("transfer.npz", transfer)}).json()
+    assert dataset["labelled"] is False
+    label_free = client.post("/v1/jobs", json={**body, "dataset": dataset["ref"]}).json()
+    label_free = wait_for(client, label_free["id"], is_terminal)
+    assert label_free["status"] == "succeeded", label_free["error"]
+    assert label_free["result"]["label_free"] is True
+    assert label_free["result"]["student_accuracy"] > 0.8
+
     wrong = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[0.0] * 64]})
     assert wrong.status_code == 422 and wrong.json()["expected_shape"] == [1, 8, 8]
     ragged = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[1.0], [1.0, 2.0]]})
@@ -168,7 +178,11 @@ def test_running_job_is_cancelled(
 ) -> None:
     start_worker()
     teacher = upload_teacher(client, digits_teacher)
-    body = job_body(teacher["id"], training={"epochs": 1000, "batch_size": 8})
+    body = job_body(
+        teacher["id"],
+        student={"architecture": "cnn", "channels": [4, 8]},  # the channels-last path
+        training={"epochs": 1000, "batch_size": 8},
+    )
     job_id = client.post("/v1/jobs", json=body).json()["id"]
     wait_for(client, job_id, lambda j: j["phase"] == "training" and j["latest_metrics"] is not None)
     response = client.post(f"/v1/jobs/{job_id}/cancel")

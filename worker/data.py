@@ -20,8 +20,10 @@ from app.errors import DatasetUnavailable
 
 @dataclass(frozen=True)
 class DatasetArrays:
+    """``y_train`` is None for an unlabelled transfer set (label-free distillation)."""
+
     x_train: np.ndarray
-    y_train: np.ndarray
+    y_train: np.ndarray | None
     x_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
@@ -34,6 +36,9 @@ class DatasetArrays:
         """sha256 of the arrays as training sees them, whatever file they came from."""
         digest = hashlib.sha256()
         for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+            if array is None:
+                digest.update(b"unlabelled")
+                continue
             digest.update(str((array.dtype.str, array.shape)).encode())
             digest.update(np.ascontiguousarray(array).data)
         return digest.hexdigest()
@@ -97,8 +102,8 @@ def load_builtin(ref: str) -> DatasetArrays:
 
 def load_uploaded(path: Path, num_classes: int) -> DatasetArrays:
     data = read_dataset_npz(path)
-    if data.x_test is None or data.y_test is None:
-        x_train, y_train, x_test, y_test = holdout_split(data.x, data.y)
-    else:
-        x_train, y_train, x_test, y_test = data.x, data.y, data.x_test, data.y_test
-    return DatasetArrays(x_train, y_train, x_test, y_test, [str(i) for i in range(num_classes)])
+    classes = [str(i) for i in range(num_classes)]
+    if data.x_test is not None and data.y_test is not None:
+        return DatasetArrays(data.x, data.y, data.x_test, data.y_test, classes)
+    assert data.y is not None  # an unlabelled upload always brings its test split
+    return DatasetArrays(*holdout_split(data.x, data.y), classes)

@@ -17,7 +17,7 @@ from app.db import session_scope
 from app.errors import AppError
 from app.jobs.schemas import DistillationSpec
 from app.jobs.service import transition
-from app.ml.architectures import build_student, parameter_count
+from app.ml.architectures import CnnSpec, build_student, parameter_count
 from app.models import (
     Artifact,
     ArtifactFormat,
@@ -261,8 +261,11 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
         {"train": data.x_train, "test": data.x_test},
         runner.logits,
     )
+    # Label-free: on an unlabelled transfer set the teacher's top-1 predictions stand in for
+    # labels (for the cross-entropy terms and for choosing the best epoch).
+    y_train = logits["train"].argmax(axis=1) if data.y_train is None else data.y_train
     train_arrays, val_arrays = _split_validation(
-        data.x_train, data.y_train, logits["train"], spec.training.seed
+        data.x_train, y_train, logits["train"], spec.training.seed
     )
     train_split, val_split = _to_split(train_arrays, device), _to_split(val_arrays, device)
     test_split = _to_split((data.x_test, data.y_test, logits["test"]), device)
@@ -271,6 +274,9 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
     student = build_student(
         spec.student, teacher.input_shape, teacher.num_classes, fit_inputs=train_split.x
     ).to(device)
+    if isinstance(spec.student, CnnSpec):
+        # NHWC: oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster in this layout.
+        student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     checkpoint_path = store.path(f"checkpoints/{job_id}/last.safetensors")
     resume = load_checkpoint(checkpoint_path)
     resumed_from_epoch = resume.epoch if resume else None
@@ -326,6 +332,7 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
         "early_stopped": outcome.early_stopped,
         "resumed_from_epoch": resumed_from_epoch,
         "teacher_outputs_cached": cache_hit,
+        "label_free": data.y_train is None,
         "train_samples": len(train_split),
         "val_samples": len(val_split),
         "test_samples": len(test_split),

@@ -16,8 +16,10 @@ HOLDOUT_SEED = 0
 
 @dataclass(frozen=True)
 class NpzDataset:
+    """``y`` is None for an unlabelled transfer set (which then has a labelled test split)."""
+
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     x_test: np.ndarray | None
     y_test: np.ndarray | None
 
@@ -27,7 +29,7 @@ class NpzDataset:
 
     @property
     def num_classes(self) -> int:
-        labels = [self.y] if self.y_test is None else [self.y, self.y_test]
+        labels = [a for a in (self.y, self.y_test) if a is not None]
         return int(max(int(a.max()) for a in labels)) + 1
 
 
@@ -99,15 +101,20 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
             arrays = {name: npz[name] for name in npz.files}
     except ValueError as e:  # object arrays would need pickle: refused by allow_pickle=False
         raise InvalidDataset(f"The arrays could not be read without pickle: {e}") from e
-    for required in ("x", "y"):
-        if required not in arrays:
-            raise InvalidDataset(f"The .npz has no `{required}` array.", field=required)
+    if "x" not in arrays:
+        raise InvalidDataset("The .npz has no `x` array.", field="x")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise InvalidDataset("Give both `x_test` and `y_test`, or neither.")
+    if "y" not in arrays and "x_test" not in arrays:
+        raise InvalidDataset(
+            "Without `y` (an unlabelled transfer set), give a labelled test split `x_test`, "
+            "`y_test` to measure the student on.",
+            field="y",
+        )
     x = _inputs(arrays["x"], "x")
     if len(x) < 2:
         raise InvalidDataset("`x` needs at least 2 samples.", field="x")
-    y = _labels(arrays["y"], "y", len(x))
+    y = _labels(arrays["y"], "y", len(x)) if "y" in arrays else None
     x_test = y_test = None
     if "x_test" in arrays:
         x_test = _inputs(arrays["x_test"], "x_test")

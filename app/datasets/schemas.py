@@ -13,6 +13,7 @@ class DatasetOut(BaseModel):
     train_size: int
     test_size: int
     available: bool
+    labelled: bool = True
     sha256: str | None = None
     size_bytes: int | None = None
     created_at: datetime | None = None

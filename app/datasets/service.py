@@ -31,6 +31,7 @@ def uploaded_out(dataset: Dataset) -> DatasetOut:
         train_size=dataset.train_size,
         test_size=dataset.test_size,
         available=True,
+        labelled=dataset.labelled,
         sha256=dataset.sha256,
         size_bytes=dataset.size_bytes,
         created_at=dataset.created_at,
@@ -78,6 +79,7 @@ def create_dataset(
         train_size=train_size,
         test_size=test_size,
         has_test_split=data.x_test is not None,
+        labelled=data.y is not None,
         storage_key="",
     )
     session.add(dataset)

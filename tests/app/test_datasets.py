@@ -79,6 +79,16 @@ def test_bad_datasets_are_refused(
     assert [d for d in client.get("/v1/datasets").json()["items"] if d["kind"] == "uploaded"] == []
 
 
+def test_unlabelled_transfer_set(client: TestClient) -> None:
+    x = np.random.default_rng(0).random((30, 4), dtype=np.float32)
+    body = post_npz(client, npz_bytes(x=x, x_test=x[:5], y_test=np.array([0, 1, 2, 1, 0])))
+    assert body["status"] == 201
+    assert body["labelled"] is False
+    assert (body["train_size"], body["test_size"], body["num_classes"]) == (30, 5, 3)
+    refused = post_npz(client, npz_bytes(x=x))
+    assert refused["status"] == 422 and refused["field"] == "y"
+
+
 def test_object_arrays_are_not_unpickled(client: TestClient) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, x=np.array([{"a": 1}, {"b": 2}], dtype=object), y=np.array([0, 1]))
