@@ -2,6 +2,7 @@
 predict; cancel a running job; kill a worker mid-job and see the job finish on a new one."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -142,7 +143,9 @@ def test_job_runs_end_to_end(
         assert hashlib.sha256(download.content).hexdigest() == download.headers["x-content-sha256"]
     manifest = client.get(f"/v1/jobs/{job_id}/artifact", params={"format": "manifest"}).json()
     assert manifest["input_shape"] == [1, 8, 8]
-    assert manifest["teacher"]["sha256"] == teacher["sha256"]
+    assert manifest["teachers"] == [
+        {"id": teacher["id"], "sha256": teacher["sha256"], "format": "onnx", "weight": 1.0}
+    ]
     onnx_bytes = client.get(f"/v1/jobs/{job_id}/artifact").content
     assert manifest["files"]["model.onnx"] == hashlib.sha256(onnx_bytes).hexdigest()
 
@@ -155,15 +158,32 @@ def test_job_runs_end_to_end(
     assert probabilities.shape == (len(data.x_test), 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
-    # Label-free: an unlabelled transfer set (with a labelled test split) and the same teacher.
+    # Label-free, from an ensemble: an unlabelled transfer set (with a labelled test split), and
+    # the ONNX teacher together with the same network uploaded as safetensors.
     transfer = npz_bytes(x=data.x_train, x_test=data.x_test, y_test=data.y_test)
     dataset = client.post("/v1/datasets", files={"file": ("transfer.npz", transfer)}).json()
     assert dataset["labelled"] is False
-    label_free = client.post("/v1/jobs", json={**body, "dataset": dataset["ref"]}).json()
+    with open(digits_teacher.safetensors, "rb") as f:
+        twin = client.post(
+            "/v1/teachers",
+            files={"file": ("teacher.safetensors", f)},
+            data={"config": json.dumps(digits_teacher.config)},
+        ).json()
+    ensemble = {k: v for k, v in body.items() if k != "teacher"}
+    ensemble |= {
+        "dataset": dataset["ref"],
+        "teachers": [{"id": teacher["id"], "weight": 1.0}, {"id": twin["id"], "weight": 3.0}],
+    }
+    label_free = client.post("/v1/jobs", json=ensemble).json()
     label_free = wait_for(client, label_free["id"], is_terminal)
     assert label_free["status"] == "succeeded", label_free["error"]
-    assert label_free["result"]["label_free"] is True
-    assert label_free["result"]["student_accuracy"] > 0.8
+    result = label_free["result"]
+    assert result["label_free"] is True
+    assert result["student_accuracy"] > 0.8
+    assert [t["weight"] for t in result["teachers"]] == [0.25, 0.75]
+    # Twins: the ensemble predicts what each of them does.
+    assert result["teacher_accuracy"] == pytest.approx(digits_teacher.test_accuracy, abs=1e-6)
+    assert result["teacher_parameters"] == 2 * teacher["parameter_count"]
 
     wrong = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [[0.0] * 64]})
     assert wrong.status_code == 422 and wrong.json()["expected_shape"] == [1, 8, 8]

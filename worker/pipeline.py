@@ -37,7 +37,7 @@ from worker.evaluation import logit_metrics, onnx_latency_ms, per_class_accuracy
 from worker.export import export_onnx, write_artifact
 from worker.losses import build_loss
 from worker.teacher_cache import cache_key, cached_teacher_logits
-from worker.teachers import TeacherRunner
+from worker.teachers import TeacherRunner, ensemble_logits
 from worker.training.loop import Split, predict_logits, train
 
 log = logging.getLogger(__name__)
@@ -182,26 +182,30 @@ def _to_split(arrays: tuple[np.ndarray, ...], device: torch.device) -> Split:
     return Split(x=x, y=y, teacher_logits=logits)
 
 
-def _load_job(job_id: str) -> tuple[DistillationSpec, TeacherRecord, int]:
+def _load_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord], list[float], int]:
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job is not None
         spec = DistillationSpec.model_validate(job.spec)
-        teacher = session.get(Teacher, job.teacher_id) if job.teacher_id else None
-        if teacher is None:
-            raise JobFailure("teacher_missing", "The job's teacher was deleted.")
-        record = TeacherRecord(
-            id=teacher.id,
-            format=teacher.format,
-            sha256=teacher.sha256,
-            path=get_store().path(teacher.storage_key),
-            size_bytes=teacher.size_bytes,
-            parameter_count=teacher.parameter_count,
-            input_shape=tuple(teacher.input_shape),
-            num_classes=teacher.num_classes,
-            architecture=teacher.architecture,
-        )
-        return spec, record, job.attempt
+        records = []
+        for teacher_id, _ in spec.teacher_weights:
+            teacher = session.get(Teacher, teacher_id)
+            if teacher is None:
+                raise JobFailure("teacher_missing", f"Teacher {teacher_id} was deleted.")
+            records.append(
+                TeacherRecord(
+                    id=teacher.id,
+                    format=teacher.format,
+                    sha256=teacher.sha256,
+                    path=get_store().path(teacher.storage_key),
+                    size_bytes=teacher.size_bytes,
+                    parameter_count=teacher.parameter_count,
+                    input_shape=tuple(teacher.input_shape),
+                    num_classes=teacher.num_classes,
+                    architecture=teacher.architecture,
+                )
+            )
+        return spec, records, [w for _, w in spec.teacher_weights], job.attempt
 
 
 def teacher_latency_ms(teacher: TeacherRecord, runner: TeacherRunner) -> float:
@@ -237,8 +241,13 @@ def run_job(job_id: str) -> None:
         )
 
 
+def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
 def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float) -> None:
-    spec, teacher, attempt = _load_job(job_id)
+    spec, teachers, weights, attempt = _load_job(job_id)
+    teacher = teachers[0]  # every teacher of an ensemble shares its inputs and classes
     device = choose_device(settings)
     store = get_store()
     torch.manual_seed(spec.training.seed)
@@ -251,16 +260,26 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
             f"Dataset samples are shaped {list(data.input_shape)}, "
             f"the teacher takes {list(teacher.input_shape)}.",
         )
-    runner = TeacherRunner(teacher.path, teacher.format, teacher.architecture, device)
+    runners = [TeacherRunner(t.path, t.format, t.architecture, device) for t in teachers]
 
     reporter.phase(JobPhase.TEACHER_OUTPUTS)
     dataset_digest = data.digest()
-    logits, cache_hit = cached_teacher_logits(
-        store.path(TEACHER_CACHE_PREFIX),
-        cache_key(teacher.sha256, dataset_digest),
-        {"train": data.x_train, "test": data.x_test},
-        runner.logits,
-    )
+    per_teacher = []
+    cache_hits = []
+    for record, runner in zip(teachers, runners, strict=True):
+        teacher_logits, hit = cached_teacher_logits(
+            store.path(TEACHER_CACHE_PREFIX),
+            cache_key(record.sha256, dataset_digest),
+            {"train": data.x_train, "test": data.x_test},
+            runner.logits,
+        )
+        per_teacher.append(teacher_logits)
+        cache_hits.append(hit)
+    temperature = float(getattr(spec.distillation, "temperature", 1.0))
+    logits = {
+        split: ensemble_logits([t[split] for t in per_teacher], weights, temperature)
+        for split in ("train", "test")
+    }
     # Label-free: on an unlabelled transfer set the teacher's top-1 predictions stand in for
     # labels (for the cross-entropy terms and for choosing the best epoch).
     y_train = logits["train"].argmax(axis=1) if data.y_train is None else data.y_train
@@ -306,6 +325,7 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
     student_test = logit_metrics(student_logits, test_split.teacher_logits, test_split.y)
     teacher_test = logit_metrics(test_split.teacher_logits, test_split.teacher_logits, test_split.y)
     student_parameters = parameter_count(student)
+    teacher_parameters = sum(t.parameter_count for t in teachers)
     classes = data.classes + [str(i) for i in range(len(data.classes), teacher.num_classes)]
     result: dict[str, Any] = {
         "student_accuracy": student_test["accuracy"],
@@ -324,14 +344,22 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
             test_split.teacher_logits, test_split.y, teacher.num_classes
         ),
         "student_parameters": student_parameters,
-        "teacher_parameters": teacher.parameter_count,
-        "compression_ratio": teacher.parameter_count / student_parameters,
+        "teacher_parameters": teacher_parameters,
+        "compression_ratio": teacher_parameters / student_parameters,
+        "teachers": [
+            {
+                "id": record.id,
+                "weight": weight,
+                "accuracy": accuracy_of(logits_of["test"], data.y_test),
+            }
+            for record, weight, logits_of in zip(teachers, weights, per_teacher, strict=True)
+        ],
         "best_epoch": outcome.state.best_epoch,
         "best_val_accuracy": outcome.state.best_val_accuracy,
         "epochs_run": outcome.state.epoch,
         "early_stopped": outcome.early_stopped,
         "resumed_from_epoch": resumed_from_epoch,
-        "teacher_outputs_cached": cache_hit,
+        "teacher_outputs_cached": all(cache_hits),
         "label_free": data.y_train is None,
         "train_samples": len(train_split),
         "val_samples": len(val_split),
@@ -350,15 +378,19 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
             "student": spec.student.model_dump(mode="json"),
             "classes": classes,
             "metrics": result,
-            "teacher": {"id": teacher.id, "sha256": teacher.sha256, "format": teacher.format},
+            "teachers": [
+                {"id": t.id, "sha256": t.sha256, "format": t.format, "weight": w}
+                for t, w in zip(teachers, weights, strict=True)
+            ],
             "dataset": {"ref": spec.dataset, "sha256": dataset_digest},
         },
     )
     student_latency = onnx_latency_ms(paths[ArtifactFormat.ONNX], teacher.input_shape)
-    teacher_latency = teacher_latency_ms(teacher, runner)
+    # An ensemble answers once all its members have: their latencies add up.
+    teacher_latency = sum(teacher_latency_ms(t, r) for t, r in zip(teachers, runners, strict=True))
     result |= {
         "student_size_bytes": paths[ArtifactFormat.ONNX].stat().st_size,
-        "teacher_size_bytes": teacher.size_bytes,
+        "teacher_size_bytes": sum(t.size_bytes for t in teachers),
         "student_latency_ms": student_latency,
         "teacher_latency_ms": teacher_latency,
         "speedup": teacher_latency / student_latency,

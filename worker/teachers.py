@@ -51,3 +51,22 @@ class TeacherRunner:
                     out = self.model(torch.from_numpy(batch).to(self.device))
                 chunks.append(out.float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float32)
+
+
+def ensemble_logits(
+    logits: list[np.ndarray], weights: list[float], temperature: float
+) -> np.ndarray:
+    """One teacher out of several: ``z`` with ``softmax(z / T) = sum_i w_i softmax(z_i / T)``.
+
+    The weighted mean of the ensemble's softened distributions, taken at the temperature the
+    loss will use, so every method sees the ensemble as a single teacher.
+    """
+    if len(logits) == 1:
+        return logits[0]
+    mixture = np.zeros(logits[0].shape, dtype=np.float64)
+    for z, weight in zip(logits, weights, strict=True):
+        scaled = z.astype(np.float64) / temperature
+        scaled -= scaled.max(axis=-1, keepdims=True)
+        probabilities = np.exp(scaled)
+        mixture += weight * probabilities / probabilities.sum(axis=-1, keepdims=True)
+    return (temperature * np.log(np.clip(mixture, 1e-300, None))).astype(np.float32)

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.ml.architectures import ModelSpec
 
@@ -127,9 +127,24 @@ class Training(BaseModel):
     )
 
 
+class WeightedTeacher(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=64)
+    weight: float = Field(default=1.0, gt=0.0, le=1000.0)
+
+
 class DistillationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    teacher: str = Field(description="Id of an uploaded teacher.", max_length=64)
+    teacher: str | None = Field(
+        default=None, description="Id of an uploaded teacher.", max_length=64
+    )
+    teachers: list[WeightedTeacher] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=8,
+        description="Instead of `teacher`: an ensemble whose softened distributions are averaged "
+        "with these weights (normalised to sum to 1).",
+    )
     dataset: str = Field(
         description="`builtin:fashion-mnist`, `builtin:digits`, or an uploaded dataset id.",
         max_length=64,
@@ -137,6 +152,21 @@ class DistillationSpec(BaseModel):
     student: ModelSpec
     distillation: DistillationMethod = KnowledgeDistillation()
     training: Training = Training()
+
+    @model_validator(mode="after")
+    def _one_way_to_name_teachers(self) -> "DistillationSpec":
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("give `teacher` (one id) or `teachers` (an ensemble), exactly one")
+        return self
+
+    @property
+    def teacher_weights(self) -> list[tuple[str, float]]:
+        """(teacher id, weight) pairs, weights summing to 1."""
+        if self.teachers is None:
+            assert self.teacher is not None
+            return [(self.teacher, 1.0)]
+        total = sum(t.weight for t in self.teachers)
+        return [(t.id, t.weight / total) for t in self.teachers]
 
 
 class JobOut(BaseModel):

@@ -12,35 +12,52 @@ from app.models import Job, JobMetric, JobPhase, JobStatus, Teacher, utcnow
 from app.queue import enqueue_after_commit
 
 
-def validate_spec(session: Session, spec: DistillationSpec) -> Teacher:
+def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
     """Everything that can be checked before queueing, so a mistake is a 422, not a failed job."""
-    teacher = session.get(Teacher, spec.teacher)
-    if teacher is None:
-        raise InvalidSpec(f"No teacher with id {spec.teacher}.", field="teacher")
+    field = "teacher" if spec.teachers is None else "teachers"
+    teachers = []
+    for teacher_id, _ in spec.teacher_weights:
+        teacher = session.get(Teacher, teacher_id)
+        if teacher is None:
+            raise InvalidSpec(f"No teacher with id {teacher_id}.", field=field)
+        teachers.append(teacher)
+    first = teachers[0]
+    for other in teachers[1:]:
+        if (other.input_shape, other.num_classes) != (first.input_shape, first.num_classes):
+            raise InvalidSpec(
+                f"An ensemble's teachers must share inputs and classes: {first.id} takes "
+                f"{first.input_shape} with {first.num_classes} classes, {other.id} "
+                f"{other.input_shape} with {other.num_classes}.",
+                field=field,
+            )
     dataset = resolve_dataset(session, spec.dataset)
-    if list(dataset.input_shape) != list(teacher.input_shape):
+    if list(dataset.input_shape) != list(first.input_shape):
         raise InvalidSpec(
             f"The dataset's samples are shaped {list(dataset.input_shape)} but the teacher takes "
-            f"{teacher.input_shape}.",
+            f"{first.input_shape}.",
             field="dataset",
         )
-    if dataset.num_classes > teacher.num_classes:
+    if dataset.num_classes > first.num_classes:
         raise InvalidSpec(
             f"The dataset has {dataset.num_classes} classes but the teacher outputs only "
-            f"{teacher.num_classes} logits.",
+            f"{first.num_classes} logits.",
             field="dataset",
         )
-    if isinstance(spec.student, CnnSpec) and len(teacher.input_shape) != 3:
+    if isinstance(spec.student, CnnSpec) and len(first.input_shape) != 3:
         raise InvalidSpec(
-            f"A cnn student needs image inputs [C, H, W]; these are {teacher.input_shape}.",
+            f"A cnn student needs image inputs [C, H, W]; these are {first.input_shape}.",
             field="student.architecture",
         )
-    return teacher
+    return teachers
 
 
 def create_job(session: Session, spec: DistillationSpec) -> Job:
-    teacher = validate_spec(session, spec)
-    job = Job(spec=spec.model_dump(mode="json"), teacher_id=teacher.id, dataset_ref=spec.dataset)
+    teachers = validate_spec(session, spec)
+    job = Job(
+        spec=spec.model_dump(mode="json", exclude_none=True),
+        teacher_id=teachers[0].id,
+        dataset_ref=spec.dataset,
+    )
     session.add(job)
     session.flush()
     enqueue_after_commit(session, job.id)

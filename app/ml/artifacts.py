@@ -33,7 +33,7 @@ class Manifest(BaseModel):
     output_name: str = OUTPUT_NAME
     classes: list[str]
     metrics: dict[str, Any]
-    teacher: dict[str, Any]
+    teachers: list[dict[str, Any]]
     dataset: dict[str, Any]
     files: dict[str, str]
     library_versions: dict[str, str]

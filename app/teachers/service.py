@@ -57,10 +57,14 @@ def list_teachers(session: Session) -> list[Teacher]:
 
 def delete_teacher(session: Session, *, store: ArtifactStore, teacher_id: str) -> None:
     teacher = get_teacher(session, teacher_id)
-    active = session.scalar(
-        select(Job.id)
-        .where(Job.teacher_id == teacher_id, Job.status.not_in(TERMINAL_STATUSES))
-        .limit(1)
+    unfinished = session.scalars(select(Job).where(Job.status.not_in(TERMINAL_STATUSES)))
+    active = next(
+        (
+            job.id
+            for job in unfinished
+            if teacher_id in {job.teacher_id, *(t["id"] for t in job.spec.get("teachers", []))}
+        ),
+        None,
     )
     if active is not None:
         raise Conflict(f"Teacher {teacher_id} is used by job {active}, which has not finished.")

@@ -1,9 +1,14 @@
 """Job submission and control, without a worker: what is checked before queueing."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 
+from app.ml.architectures import MlpSpec, build_model
 from tests.conftest import TeacherFiles, job_body, npz_bytes, upload_teacher
 
 
@@ -170,3 +175,51 @@ def test_method_parameters_are_checked(
     response = client.post("/v1/jobs", json=job_body(teacher_id, distillation=method))
     assert response.status_code == 422
     assert response.json()["field"] == field
+
+
+def test_ensemble_of_teachers(client: TestClient, digits_teacher: TeacherFiles) -> None:
+    first = upload_teacher(client, digits_teacher)["id"]
+    second = upload_teacher(client, digits_teacher)["id"]
+    body = job_body(None, teachers=[{"id": first}, {"id": second, "weight": 3}])
+    del body["teacher"]
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    assert response.json()["teacher_id"] == first
+    assert client.delete(f"/v1/teachers/{second}").status_code == 409  # in use by the job
+
+
+def test_ensemble_teachers_must_agree(
+    client: TestClient, digits_teacher: TeacherFiles, tmp_path: Path
+) -> None:
+    first = upload_teacher(client, digits_teacher)["id"]
+    five_classes = build_model(MlpSpec(hidden_sizes=[4]), (1, 8, 8), 5)
+    save_file(five_classes.state_dict(), str(tmp_path / "five.safetensors"))
+    config = {
+        "architecture": {"architecture": "mlp", "hidden_sizes": [4]},
+        "input_shape": [1, 8, 8],
+        "num_classes": 5,
+    }
+    with open(tmp_path / "five.safetensors", "rb") as f:
+        other = client.post(
+            "/v1/teachers",
+            files={"file": ("five.safetensors", f)},
+            data={"config": json.dumps(config)},
+        ).json()["id"]
+    for teachers in ([{"id": first}, {"id": other}], [{"id": first}, {"id": "missing"}]):
+        body = job_body(None, teachers=teachers)
+        del body["teacher"]
+        response = client.post("/v1/jobs", json=body)
+        assert (response.status_code, response.json()["field"]) == (422, "teachers")
+
+
+@pytest.mark.parametrize("teachers", [None, [{"id": "a"}]])
+def test_exactly_one_way_to_name_teachers(
+    client: TestClient, teacher_id: object, teachers: object
+) -> None:
+    body = job_body(teacher_id if teachers is None else None)
+    if teachers is None:
+        body["teachers"] = [{"id": teacher_id}, {"id": teacher_id}]  # and `teacher` too
+    else:
+        del body["teacher"]
+        body["teachers"] = teachers  # an ensemble of one
+    assert client.post("/v1/jobs", json=body).status_code == 422

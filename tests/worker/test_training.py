@@ -16,7 +16,7 @@ from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import expected_calibration_error, kl_to_teacher, per_class_accuracy
 from worker.losses import KDLoss
 from worker.teacher_cache import cache_key, cached_teacher_logits
-from worker.teachers import TeacherRunner
+from worker.teachers import TeacherRunner, ensemble_logits
 from worker.training.loop import LoopState, Split, learning_rate, train
 
 
@@ -191,3 +191,16 @@ def test_per_class_accuracy() -> None:
     logits = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     labels = torch.tensor([0, 1, 1, 0])
     assert per_class_accuracy(logits, labels, 3) == [1.0, 0.5, None]
+
+
+def test_ensemble_logits_average_softened_distributions() -> None:
+    a = np.array([[0.0, math.log(3.0)]], dtype=np.float32)  # softmax at T=1: [1/4, 3/4]
+    b = np.array([[0.0, 0.0]], dtype=np.float32)  # [1/2, 1/2]
+    z = ensemble_logits([a, b], [0.5, 0.5], temperature=1.0)
+    assert np.allclose(torch.softmax(torch.from_numpy(z), -1).numpy(), [[0.375, 0.625]], atol=1e-6)
+    # At T=2 the mixture is of softmax(z_i / 2), and softmax(z / 2) reproduces it.
+    z2 = ensemble_logits([a, b], [0.25, 0.75], temperature=2.0)
+    p_a = torch.softmax(torch.from_numpy(a) / 2, -1)
+    expected = 0.25 * p_a + 0.75 * torch.tensor([[0.5, 0.5]])
+    assert torch.allclose(torch.softmax(torch.from_numpy(z2) / 2, -1), expected, atol=1e-6)
+    assert ensemble_logits([a], [1.0], 4.0) is a
