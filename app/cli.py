@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.config import get_settings
+from app.queue import CONTROL_QUEUE, QUEUE
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -31,7 +32,9 @@ def migrate() -> None:
     command.upgrade(alembic_config(), "head")
 
 
-def worker_command(concurrency: int, beat: bool) -> list[str]:
+def worker_command(
+    concurrency: int, beat: bool, queues: str = f"{QUEUE},{CONTROL_QUEUE}"
+) -> list[str]:
     settings = get_settings()
     command = [
         sys.executable,
@@ -44,6 +47,8 @@ def worker_command(concurrency: int, beat: bool) -> list[str]:
         "INFO",
         "--concurrency",
         str(concurrency),
+        "--queues",
+        queues,
     ]
     if beat:
         settings.home.mkdir(parents=True, exist_ok=True)
@@ -109,8 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
     p = sub.add_parser("worker", help="run a Celery worker")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (one per GPU)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="jobs at once on this host (all on DISTILL_DEVICE)",
+    )
     p.add_argument("--beat", action="store_true", help="also run the recovery schedule")
+    p.add_argument(
+        "--queues",
+        default=f"{QUEUE},{CONTROL_QUEUE}",
+        help=f"{QUEUE}: training jobs; {CONTROL_QUEUE}: recovery of jobs whose worker died",
+    )
     sub.add_parser("migrate", help="bring the database schema up to date")
     p = sub.add_parser("download", help="download a builtin dataset (needs internet)")
     p.add_argument("dataset", choices=["fashion-mnist"])
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "api":
         os.execv(sys.executable, api_command(args.host, args.port))
     if args.command == "worker":
-        os.execv(sys.executable, worker_command(args.concurrency, args.beat))
+        os.execv(sys.executable, worker_command(args.concurrency, args.beat, args.queues))
     if args.command == "migrate":
         migrate()
         return 0

@@ -18,6 +18,8 @@ from app.models import Job, JobPhase, JobStatus, utcnow
 log = logging.getLogger(__name__)
 PENDING_JOBS = "distill_pending_jobs"
 QUEUE = "distill"
+# Recovery runs on its own queue, so it is never stuck behind long training jobs.
+CONTROL_QUEUE = "distill-control"
 
 
 class TaskName(StrEnum):
@@ -39,6 +41,7 @@ def configure_celery(app: Celery, settings: Settings) -> None:
         # Redis redelivers an unacknowledged message after this long: it must outlast any job.
         app.conf.broker_transport_options = {"visibility_timeout": settings.job_time_limit_s + 3600}
     app.conf.task_default_queue = QUEUE
+    app.conf.task_routes = {TaskName.RECOVER: {"queue": CONTROL_QUEUE}}
     app.conf.task_ignore_result = True
     app.conf.broker_connection_retry_on_startup = True
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from app.cli import worker_command
 from tests.conftest import REDIS_URL, Stack, TeacherFiles, job_body, npz_bytes, upload_teacher
 from worker.data import load_builtin
 
@@ -34,20 +34,7 @@ def start_worker(stack: Stack, tmp_path: Path) -> Iterator[StartWorker]:
     workers: list[subprocess.Popen[bytes]] = []
 
     def start(beat: bool = False, **env: str) -> subprocess.Popen[bytes]:
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-        ]
-        if beat:
-            command += ["--beat", "--schedule", str(tmp_path / f"beat-{len(workers)}")]
+        command = worker_command(concurrency=1, beat=beat)
         log = open(tmp_path / f"worker-{len(workers)}.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(
             command,

@@ -36,9 +36,7 @@ def expected_calibration_error(
     correct = (predictions == labels).double()
     # Bin i holds confidences in (i/bins, (i+1)/bins]; ceil maps 1.0 to the last bin.
     index = (torch.ceil(confidence * bins) - 1).clamp(0, bins - 1).long()
-    total = torch.zeros(bins, dtype=torch.float64, device=logits.device)
-    gap = torch.zeros_like(total)
-    total.index_add_(0, index, torch.ones_like(confidence))
+    gap = torch.zeros(bins, dtype=torch.float64, device=logits.device)
     gap.index_add_(0, index, correct - confidence)
     return (gap.abs().sum() / len(labels)).item()
 

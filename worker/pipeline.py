@@ -5,18 +5,18 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.errors import AppError
 from app.jobs.schemas import DistillationSpec
-from app.jobs.service import transition
 from app.ml.architectures import CnnSpec, build_student, parameter_count
 from app.models import (
     Artifact,
@@ -33,7 +33,7 @@ from app.models import (
 from app.storage import get_store, sha256_file
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.data import DatasetArrays, load_builtin, load_uploaded
-from worker.evaluation import logit_metrics, onnx_latency_ms, per_class_accuracy
+from worker.evaluation import accuracy, logit_metrics, onnx_latency_ms, per_class_accuracy
 from worker.export import export_onnx, write_artifact
 from worker.losses import build_loss
 from worker.teacher_cache import cache_key, cached_teacher_logits
@@ -67,52 +67,80 @@ class TeacherRecord:
     architecture: dict[str, Any] | None
 
 
-class JobReporter:
-    """The MetricSink of one job: phase, progress and heartbeat, metrics, cancel flag."""
+class JobSuperseded(Exception):
+    """This attempt no longer owns the job (requeued after a missed heartbeat, or finished)."""
 
-    def __init__(self, job_id: str, interval_s: float) -> None:
+
+class JobCancelled(Exception):
+    """A cancel was requested; raised between phases."""
+
+
+ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
+
+
+def owned(job_id: str, attempt: int) -> Any:
+    """The condition every write of an attempt carries: it still owns the job."""
+    return (Job.id == job_id) & (Job.attempt == attempt) & Job.status.in_(ACTIVE)
+
+
+class JobReporter:
+    """The MetricSink of one attempt: phase, progress and heartbeat, metrics, cancel flag."""
+
+    def __init__(self, job_id: str, attempt: int, interval_s: float) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self.interval_s = interval_s
         self._last_beat = 0.0
         self._fraction = 0.0
         self._cancel_requested = False
 
     def _beat(self, **values: Any) -> None:
-        """Write the heartbeat and the latest progress; read back the cancel flag."""
+        """Write the heartbeat and the latest progress; read back the cancel flag.
+
+        Raises JobSuperseded when another attempt owns the job now, so this one stops.
+        """
         with session_scope() as session:
-            session.execute(
+            updated = session.execute(
                 update(Job)
-                .where(Job.id == self.job_id)
+                .where(owned(self.job_id, self.attempt))
                 .values(heartbeat_at=utcnow(), progress=round(self._fraction, 4), **values)
-            )
-            self._cancel_requested = bool(
-                session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
-            )
+                .returning(Job.cancel_requested)
+            ).scalar_one_or_none()
+        if updated is None:
+            raise JobSuperseded(self.job_id)
+        self._cancel_requested = bool(updated)
         self._last_beat = time.monotonic()
 
     def phase(self, phase: JobPhase) -> None:
         log.info("job.phase", extra={"job_id": self.job_id, "phase": phase})
         self._beat(phase=phase)
+        if self._cancel_requested:
+            raise JobCancelled(self.job_id)
 
     def progress(self, fraction: float) -> None:
         # Throttled: one small write every interval, however fast the steps are.
         self._fraction = fraction
+        self.keep_alive()
+
+    def keep_alive(self) -> None:
+        """Heartbeat if one is due: for slow work outside the training loop too."""
         if time.monotonic() - self._last_beat >= self.interval_s:
             self._beat()
 
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        self._beat()  # first: a superseded attempt must not write metrics
         with session_scope() as session:
             session.add(JobMetric(job_id=self.job_id, epoch=epoch, values=values))
-        self._beat()
 
     def should_stop(self) -> bool:
         return self._cancel_requested
 
 
-def claim(job_id: str, max_attempts: int) -> bool:
-    """queued -> running in one compare-and-set; a duplicate delivery finds nothing to claim."""
+def claim(job_id: str, max_attempts: int) -> int | None:
+    """queued -> running in one compare-and-set; returns the attempt number, or None when there
+    is nothing to claim (a duplicate delivery, a cancelled job, attempts used up)."""
     with session_scope() as session:
-        claimed = session.execute(
+        return session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempt < max_attempts)
             .values(
@@ -124,8 +152,8 @@ def claim(job_id: str, max_attempts: int) -> bool:
                 heartbeat_at=utcnow(),
                 error=None,
             )
-        ).rowcount  # type: ignore[attr-defined]
-    return bool(claimed)
+            .returning(Job.attempt)
+        ).scalar_one_or_none()
 
 
 def forget_metrics_after(job_id: str, epoch: int) -> None:
@@ -136,18 +164,17 @@ def forget_metrics_after(job_id: str, epoch: int) -> None:
         )
 
 
-def finish(job_id: str, status: JobStatus, **values: Any) -> bool:
+def finish(job_id: str, attempt: int, status: JobStatus, **values: Any) -> bool:
+    """End the attempt's job; the checkpoint goes with it."""
     with session_scope() as session:
-        return transition(
-            session,
-            job_id,
-            [JobStatus.RUNNING, JobStatus.CANCELLING],
-            status=status,
-            phase=JobPhase.DONE,
-            finished_at=utcnow(),
-            heartbeat_at=utcnow(),
-            **values,
-        )
+        done = session.execute(
+            update(Job)
+            .where(owned(job_id, attempt))
+            .values(status=status, phase=JobPhase.DONE, finished_at=utcnow(), **values)
+        ).rowcount  # type: ignore[attr-defined]
+    if done:
+        get_store().delete_tree(f"checkpoints/{job_id}")
+    return bool(done)
 
 
 def choose_device(settings: Settings) -> torch.device:
@@ -182,7 +209,7 @@ def _to_split(arrays: tuple[np.ndarray, ...], device: torch.device) -> Split:
     return Split(x=x, y=y, teacher_logits=logits)
 
 
-def _load_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord], list[float], int]:
+def _load_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord], list[float]]:
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job is not None
@@ -205,7 +232,7 @@ def _load_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord], list[
                     architecture=teacher.architecture,
                 )
             )
-        return spec, records, [w for _, w in spec.teacher_weights], job.attempt
+        return spec, records, [w for _, w in spec.teacher_weights]
 
 
 def teacher_latency_ms(teacher: TeacherRecord, runner: TeacherRunner) -> float:
@@ -221,32 +248,38 @@ def teacher_latency_ms(teacher: TeacherRecord, runner: TeacherRunner) -> float:
 
 def run_job(job_id: str) -> None:
     settings = get_settings()
-    if not claim(job_id, settings.job_max_attempts):
+    attempt = claim(job_id, settings.job_max_attempts)
+    if attempt is None:
         log.info("job.not_claimed", extra={"job_id": job_id})
         return
-    started = time.perf_counter()
-    reporter = JobReporter(job_id, settings.heartbeat_interval_s)
+    reporter = JobReporter(job_id, attempt, settings.heartbeat_interval_s)
     try:
-        _run(job_id, settings, reporter, started)
-    except JobFailure as e:
-        finish(job_id, JobStatus.FAILED, error={"code": e.code, "detail": e.detail})
-    except AppError as e:
-        finish(job_id, JobStatus.FAILED, error={"code": e.code, "detail": e.detail})
+        _run(job_id, attempt, settings, reporter, time.perf_counter())
+    except JobSuperseded:
+        log.warning("job.superseded", extra={"job_id": job_id, "attempt": attempt})
+    except JobCancelled:
+        finish(
+            job_id,
+            attempt,
+            JobStatus.CANCELLED,
+            error={"code": "cancelled", "detail": "Cancelled by request."},
+        )
+    except (JobFailure, AppError) as e:
+        finish(job_id, attempt, JobStatus.FAILED, error={"code": e.code, "detail": e.detail})
     except Exception as e:
         log.exception("job.crashed", extra={"job_id": job_id})
         finish(
             job_id,
+            attempt,
             JobStatus.FAILED,
             error={"code": "internal_error", "detail": f"{type(e).__name__}: {e}"},
         )
 
 
-def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(axis=1) == labels).mean())
-
-
-def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float) -> None:
-    spec, teachers, weights, attempt = _load_job(job_id)
+def _run(
+    job_id: str, attempt: int, settings: Settings, reporter: JobReporter, started: float
+) -> None:
+    spec, teachers, weights = _load_job(job_id)
     teacher = teachers[0]  # every teacher of an ensemble shares its inputs and classes
     device = choose_device(settings)
     store = get_store()
@@ -271,7 +304,7 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
             store.path(TEACHER_CACHE_PREFIX),
             cache_key(record.sha256, dataset_digest),
             {"train": data.x_train, "test": data.x_test},
-            runner.logits,
+            partial(runner.logits, on_batch=reporter.keep_alive),
         )
         per_teacher.append(teacher_logits)
         cache_hits.append(hit)
@@ -316,8 +349,7 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )
     if outcome.stopped:
-        finish(job_id, JobStatus.CANCELLED, error={"code": "cancelled", "detail": "Cancelled."})
-        return
+        raise JobCancelled(job_id)
 
     reporter.phase(JobPhase.EVALUATING)
     student.load_state_dict(outcome.state.best_state)
@@ -350,7 +382,9 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
             {
                 "id": record.id,
                 "weight": weight,
-                "accuracy": accuracy_of(logits_of["test"], data.y_test),
+                "accuracy": accuracy(
+                    torch.from_numpy(logits_of["test"]), torch.from_numpy(data.y_test)
+                ),
             }
             for record, weight, logits_of in zip(teachers, weights, per_teacher, strict=True)
         ],
@@ -396,28 +430,33 @@ def _run(job_id: str, settings: Settings, reporter: JobReporter, started: float)
         "speedup": teacher_latency / student_latency,
         "wall_seconds": time.perf_counter() - started,
     }
-    if _finalize(job_id, artifact_prefix, paths, result):
-        store.delete_tree(f"checkpoints/{job_id}")
+    reporter.phase(JobPhase.DONE)  # the last cancel check
+    _finalize(job_id, attempt, artifact_prefix, paths, result)
 
 
 def _finalize(
-    job_id: str, prefix: str, paths: dict[ArtifactFormat, Path], result: dict[str, Any]
-) -> bool:
+    job_id: str,
+    attempt: int,
+    prefix: str,
+    paths: dict[ArtifactFormat, Path],
+    result: dict[str, Any],
+) -> None:
+    """Succeed and record the artifacts in one transaction, if this attempt still owns the job."""
     with session_scope() as session:
-        done = transition(
-            session,
-            job_id,
-            [JobStatus.RUNNING, JobStatus.CANCELLING],
-            status=JobStatus.SUCCEEDED,
-            phase=JobPhase.DONE,
-            progress=1.0,
-            result=result,
-            finished_at=utcnow(),
-            heartbeat_at=utcnow(),
-        )
+        done = session.execute(
+            update(Job)
+            .where(owned(job_id, attempt))
+            .values(
+                status=JobStatus.SUCCEEDED,
+                phase=JobPhase.DONE,
+                progress=1.0,
+                result=result,
+                finished_at=utcnow(),
+                heartbeat_at=utcnow(),
+            )
+        ).rowcount  # type: ignore[attr-defined]
         if not done:
-            log.warning("job.finalize_lost", extra={"job_id": job_id})
-            return False
+            raise JobSuperseded(job_id)
         session.execute(delete(Artifact).where(Artifact.job_id == job_id))
         for fmt, path in paths.items():
             session.add(
@@ -429,4 +468,4 @@ def _finalize(
                     size_bytes=path.stat().st_size,
                 )
             )
-    return True
+    get_store().delete_tree(f"checkpoints/{job_id}")

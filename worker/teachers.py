@@ -1,6 +1,7 @@
 """Run an uploaded teacher, frozen: ONNX through onnxruntime, safetensors through our own
 architectures. Its logits are computed once per job, never per training step."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ class TeacherRunner:
     def __init__(
         self, path: Path, fmt: str, architecture: dict[str, Any] | None, device: torch.device
     ) -> None:
-        self.path = path
         self.device = device
         self.model: nn.Module | None = None
         self.session: Any = None
@@ -39,9 +39,14 @@ class TeacherRunner:
             # Frozen: eval mode (no dropout, running BN statistics) and no gradients.
             self.model = model.eval().requires_grad_(False).to(device)
 
-    def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    def logits(
+        self, x: np.ndarray, batch_size: int = 1024, on_batch: Callable[[], None] | None = None
+    ) -> np.ndarray:
+        """``on_batch`` runs after every batch (the worker's heartbeat on long passes)."""
         chunks = []
         for start in range(0, len(x), batch_size):
+            if on_batch is not None:
+                on_batch()
             batch = np.ascontiguousarray(x[start : start + batch_size])
             if self.session is not None:
                 chunks.append(self.session.run(None, {self.input_name: batch})[0])

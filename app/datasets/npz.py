@@ -1,6 +1,8 @@
 """Reading and checking an uploaded ``.npz`` dataset without unpickling or unbounded memory."""
 
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from app.errors import InvalidDataset
 
 ALLOWED_ARRAYS = {"x", "y", "x_test", "y_test"}
 MAX_CLASSES = 100_000
+# Enough for a training, a validation and a held-out test sample.
+MIN_SAMPLES = 3
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0
 
@@ -48,19 +52,33 @@ def holdout_split(
 
 
 def _check_archive(path: Path, max_bytes: int) -> None:
-    """Look at the zip directory before numpy decompresses anything (zip bombs, stray entries)."""
+    """Look inside the zip before numpy loads anything: entry names, and the size each array's
+    header declares (zip bombs and absurd shapes are refused before any memory is taken)."""
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except zipfile.BadZipFile as e:
-        raise InvalidDataset("The file is not an .npz archive (a zip of .npy arrays).") from e
-    names = {e.filename.removesuffix(".npy") for e in entries}
-    if len(entries) != len(names) or not names <= ALLOWED_ARRAYS:
-        raise InvalidDataset(
-            f"An .npz dataset holds only the arrays {sorted(ALLOWED_ARRAYS)}; found "
-            f"{sorted(e.filename for e in entries)}."
-        )
-    if sum(e.file_size for e in entries) > max_bytes:
+            names = {e.filename.removesuffix(".npy") for e in entries}
+            if (
+                len(entries) != len(names)
+                or not names <= ALLOWED_ARRAYS
+                or not all(e.filename.endswith(".npy") for e in entries)
+            ):
+                raise InvalidDataset(
+                    f"An .npz dataset holds only the arrays {sorted(ALLOWED_ARRAYS)} (as .npy); "
+                    f"found {sorted(e.filename for e in entries)}."
+                )
+            declared = 0
+            for entry in entries:
+                with archive.open(entry) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                declared += math.prod(shape) * dtype.itemsize
+    except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as e:
+        raise InvalidDataset(f"The file is not a readable .npz archive: {e}") from e
+    if declared > max_bytes or sum(e.file_size for e in entries) > max_bytes:
         raise InvalidDataset(f"The arrays decompress to more than {max_bytes} bytes.")
 
 
@@ -101,6 +119,8 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
             arrays = {name: npz[name] for name in npz.files}
     except ValueError as e:  # object arrays would need pickle: refused by allow_pickle=False
         raise InvalidDataset(f"The arrays could not be read without pickle: {e}") from e
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise InvalidDataset(f"The archive is corrupt: {e}") from e
     if "x" not in arrays:
         raise InvalidDataset("The .npz has no `x` array.", field="x")
     if ("x_test" in arrays) != ("y_test" in arrays):
@@ -112,8 +132,8 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
             field="y",
         )
     x = _inputs(arrays["x"], "x")
-    if len(x) < 2:
-        raise InvalidDataset("`x` needs at least 2 samples.", field="x")
+    if len(x) < MIN_SAMPLES:
+        raise InvalidDataset(f"`x` needs at least {MIN_SAMPLES} samples.", field="x")
     y = _labels(arrays["y"], "y", len(x)) if "y" in arrays else None
     x_test = y_test = None
     if "x_test" in arrays:
@@ -124,5 +144,7 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
                 f"{list(x.shape[1:])}.",
                 field="x_test",
             )
+        if len(x_test) == 0:
+            raise InvalidDataset("`x_test` is empty.", field="x_test")
         y_test = _labels(arrays["y_test"], "y_test", len(x_test))
     return NpzDataset(x, y, x_test, y_test)

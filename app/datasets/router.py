@@ -24,7 +24,7 @@ def upload_dataset(
         store=store,
         upload=upload,
         max_bytes=4 * settings.max_dataset_bytes,
-        name=name or file.filename or "dataset",
+        name=(name or file.filename or "dataset")[:255],
     )
     return service.uploaded_out(dataset)
 

@@ -14,6 +14,7 @@ class DatasetOut(BaseModel):
     test_size: int
     available: bool
     labelled: bool = True
+    has_test_split: bool = True
     sha256: str | None = None
     size_bytes: int | None = None
     created_at: datetime | None = None

@@ -18,7 +18,6 @@ class DatasetSummary:
     ref: str
     input_shape: tuple[int, ...]
     num_classes: int
-    sha256: str | None
 
 
 def uploaded_out(dataset: Dataset) -> DatasetOut:
@@ -32,6 +31,7 @@ def uploaded_out(dataset: Dataset) -> DatasetOut:
         test_size=dataset.test_size,
         available=True,
         labelled=dataset.labelled,
+        has_test_split=dataset.has_test_split,
         sha256=dataset.sha256,
         size_bytes=dataset.size_bytes,
         created_at=dataset.created_at,
@@ -111,8 +111,8 @@ def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
                 "or `distill download fashion-mnist`.",
                 field="dataset",
             )
-        return DatasetSummary(ref, builtin.input_shape, builtin.num_classes, None)
+        return DatasetSummary(ref, builtin.input_shape, builtin.num_classes)
     dataset = session.get(Dataset, ref)
     if dataset is None:
         raise InvalidSpec(f"No dataset with id {ref}.", field="dataset")
-    return DatasetSummary(ref, tuple(dataset.input_shape), dataset.num_classes, dataset.sha256)
+    return DatasetSummary(ref, tuple(dataset.input_shape), dataset.num_classes)

@@ -2,6 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
+from app.config import MIB
 from app.dependencies import SessionDep
 from app.jobs import service
 from app.jobs.schemas import DistillationSpec, JobOut, JobPage, MetricList, MetricOut
@@ -10,7 +11,7 @@ from app.models import JobStatus
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, max_body_size=MIB)
 def create_job(session: SessionDep, spec: DistillationSpec, response: Response) -> JobOut:
     """Submit a distillation job; it is queued and runs on a worker."""
     job = service.create_job(session, spec)

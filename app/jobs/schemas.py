@@ -39,8 +39,8 @@ class LogitMSE(_Method):
 
 
 class DecoupledKD(_Method):
-    """Zhao et al. CVPR 2022: `ce_weight * CE + tckd_weight * TCKD + nckd_weight * NCKD` (the
-    paper's alpha is `tckd_weight`, its beta `nckd_weight`)."""
+    """Zhao et al. CVPR 2022: `CE + tckd_weight * TCKD + nckd_weight * NCKD` (the paper's alpha
+    is `tckd_weight`, its beta `nckd_weight`)."""
 
     method: Literal["dkd"]
     temperature: Temperature = 4.0
@@ -202,13 +202,3 @@ class MetricOut(BaseModel):
 
 class MetricList(BaseModel):
     items: list[MetricOut]
-
-
-class Problem(BaseModel):
-    """RFC 9457 problem details, as every error is answered."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    code: str

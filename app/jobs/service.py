@@ -1,7 +1,7 @@
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from app.datasets.service import resolve_dataset
@@ -124,11 +124,18 @@ def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
 
 
 def transition(
-    session: Session, job_id: str, from_statuses: Iterable[JobStatus], **values: Any
+    session: Session,
+    job_id: str,
+    from_statuses: Iterable[JobStatus],
+    *conditions: ColumnElement[bool],
+    **values: Any,
 ) -> bool:
-    """Compare-and-set on the job's status: True if this caller made the change."""
+    """Compare-and-set on the job's status (and any further conditions): True if this caller
+    made the change."""
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(list(from_statuses))).values(**values)
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(list(from_statuses)), *conditions)
+        .values(**values)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 

@@ -3,6 +3,7 @@ import base64
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from app.config import MIB
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 from app.ml.artifacts import FILENAMES, MEDIA_TYPES
 from app.models import ArtifactFormat
@@ -31,7 +32,8 @@ def download_artifact(
     )
 
 
-@router.post("/{job_id}/predict", response_model=PredictResponse)
+# A full batch of max_predict_batch samples of a few thousand numbers each, as JSON text.
+@router.post("/{job_id}/predict", response_model=PredictResponse, max_body_size=64 * MIB)
 def predict(
     session: SessionDep, store: StoreDep, settings: SettingsDep, job_id: str, body: PredictRequest
 ) -> PredictResponse:

@@ -37,7 +37,7 @@ class TeacherConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     architecture: ModelSpec
-    input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=4)
+    input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(min_length=1, max_length=4)
     num_classes: int = Field(ge=2, le=100_000)
 
 
@@ -56,8 +56,11 @@ def _zip_kind(path: Path) -> str | None:
     """'pickle' for a torch.save zip, 'torchscript', 'other' for any other zip; None if no zip."""
     if not zipfile.is_zipfile(path):
         return None
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return "other"
     if any(n.startswith("code/") or "/code/" in n for n in names):
         return "torchscript"
     return "pickle" if any(n.endswith(".pkl") for n in names) else "other"
@@ -122,7 +125,11 @@ def _inspect_onnx(path: Path, filename: str) -> TeacherInfo:
             f"`{filename}` is not a valid ONNX model (truncated or corrupt): {e}. Upload an ONNX "
             "or safetensors file."
         ) from e
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    from onnx.external_data_helper import _get_all_tensors
+
+    # Anywhere in the graph (initializers, node attributes, subgraphs): external data would make
+    # onnxruntime read files beside the upload.
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)):
         raise InvalidModel(
             "ONNX models with external data files are not accepted; save it as one file."
         )
@@ -160,14 +167,14 @@ def _inspect_onnx(path: Path, filename: str) -> TeacherInfo:
         input_shape=input_shape,
         num_classes=num_classes,
         parameter_count=parameters,
-        input_name=inputs[0].name,
-        output_name=outputs[0].name,
+        input_name=inputs[0].name[:255],
+        output_name=outputs[0].name[:255],
     )
 
 
 def _inspect_safetensors(path: Path, config: str | None) -> TeacherInfo:
     import torch
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if config is None:
@@ -181,19 +188,28 @@ def _inspect_safetensors(path: Path, config: str | None) -> TeacherInfo:
         teacher_config = TeacherConfig.model_validate(json.loads(config))
     except (ValueError, ValidationError) as e:
         raise InvalidModel(f"`config` is not a valid teacher config: {e}", field="config") from e
+    shape = tuple(teacher_config.input_shape)
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise InvalidModel(f"The safetensors file cannot be read: {e}") from e
-    try:
-        model = build_model(
-            teacher_config.architecture,
-            tuple(teacher_config.input_shape),
-            teacher_config.num_classes,
+        # On the meta device first: the config's shapes are compared with the file's header
+        # before any memory is taken, so a tiny upload cannot make the API allocate gigabytes.
+        with torch.device("meta"):
+            skeleton = build_model(teacher_config.architecture, shape, teacher_config.num_classes)
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InvalidModel(f"The safetensors file or the `config` cannot be used: {e}") from e
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    if stored != expected:
+        differing = sorted(set(stored) ^ set(expected)) or sorted(
+            n for n in expected if stored[n] != expected[n]
         )
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise InvalidModel(f"The weights do not fit the architecture in `config`: {e}") from e
+        raise InvalidModel(
+            f"The weights do not fit the architecture in `config` (first differences: "
+            f"{differing[:5]})."
+        )
+    state = load_file(str(path))
+    model = build_model(teacher_config.architecture, shape, teacher_config.num_classes)
+    model.load_state_dict(state, strict=True)
     if any(not t.is_floating_point() and t.numel() > 1 for t in state.values()):
         raise InvalidModel("Weights must be floating point.")
     with torch.inference_mode():

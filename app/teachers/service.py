@@ -25,7 +25,7 @@ def create_teacher(
         upload.path.unlink(missing_ok=True)
         raise
     teacher = Teacher(
-        name=name or filename,
+        name=(name or filename)[:255],
         format=info.format,
         sha256=upload.sha256,
         size_bytes=upload.size_bytes,

@@ -100,8 +100,8 @@ def test_object_arrays_are_not_unpickled(client: TestClient) -> None:
 def test_zip_bomb_is_refused_before_decompression(client: TestClient) -> None:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("x.npy", b"\0" * (64 * 1024 * 1024))
-        archive.writestr("y.npy", b"\0" * 16)
+        archive.writestr("x.npy", npy(np.zeros((8 * 1024 * 1024, 1))))  # 64 MiB of zeros
+        archive.writestr("y.npy", npy(np.zeros(8 * 1024 * 1024, dtype=np.int64)))
     data = buffer.getvalue()
     assert len(data) < 1024 * 1024
     with pytest.MonkeyPatch.context() as mp:
@@ -127,3 +127,48 @@ def test_oversized_upload_is_413(client: TestClient) -> None:
     assert body["status"] == 413
     assert body["code"] == "payload_too_large"
     assert [d for d in client.get("/v1/datasets").json()["items"] if d["kind"] == "uploaded"] == []
+
+
+def zip_of(entries: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        zip_of({"x": npy(np.zeros((3, 2))), "y.npy": npy(np.array([0, 1, 1]))}),  # no .npy suffix
+        # A header that claims 10^12 float64 values: refused before numpy allocates.
+        zip_of(
+            {
+                "x.npy": npy(np.zeros((3, 2))).replace(b"(3, 2)", b"(1000000000000, 1)"),
+                "y.npy": npy(np.array([0, 1, 1])),
+            }
+        ),
+        # Corrupt deflate stream.
+        zip_of(
+            {"x.npy": npy(np.zeros((3, 2))), "y.npy": npy(np.array([0, 1, 1]))},
+            zipfile.ZIP_DEFLATED,
+        ).replace(b"\x00\x00\x00\x00\x00", b"\xff\xff\xff\xff\xff", 1),
+        npz_bytes(x=np.zeros((2, 2)), y=np.array([0, 1])),  # too few samples
+        npz_bytes(
+            x=np.zeros((3, 2)),
+            y=np.array([0, 1, 1]),
+            x_test=np.zeros((0, 2)),
+            y_test=np.zeros(0, dtype=np.int64),
+        ),  # empty test split
+    ],
+)
+def test_malformed_archives_are_422_not_500(client: TestClient, data: bytes) -> None:
+    body = post_npz(client, data)
+    assert body["status"] == 422, body
+    assert body["code"] == "invalid_dataset"

@@ -121,3 +121,37 @@ def test_delete_teacher(client: TestClient, digits_teacher: TeacherFiles) -> Non
     teacher_id = upload_teacher(client, digits_teacher)["id"]
     assert client.delete(f"/v1/teachers/{teacher_id}").status_code == 204
     assert client.get(f"/v1/teachers/{teacher_id}").status_code == 404
+
+
+def test_huge_config_is_refused_without_allocating(
+    client: TestClient, digits_teacher: TeacherFiles
+) -> None:
+    # 16 hidden layers of 16,384 units would be ~17 GB of float32: checked on the meta device.
+    config = {
+        **digits_teacher.config,
+        "architecture": {"architecture": "mlp", "hidden_sizes": [16_384] * 16},
+    }
+    with open(digits_teacher.safetensors, "rb") as f:
+        response = client.post(
+            "/v1/teachers",
+            files={"file": ("t.safetensors", f)},
+            data={"config": json.dumps(config)},
+        )
+    assert response.status_code == 422
+    assert "do not fit" in response.json()["detail"]
+
+
+def test_fake_zip_is_not_a_500(client: TestClient) -> None:
+    # An end-of-archive record and nothing else: zipfile.is_zipfile says yes, ZipFile says no.
+    fake = b"junk" + b"PK\x05\x06" + b"\x00" * 16 + b"\xff\xff"
+    response = client.post("/v1/teachers", files={"file": ("model.onnx", fake)})
+    assert response.status_code in (415, 422)
+
+
+def test_long_names_are_kept_within_bounds(
+    client: TestClient, digits_teacher: TeacherFiles
+) -> None:
+    with open(digits_teacher.onnx, "rb") as f:
+        response = client.post("/v1/teachers", files={"file": ("a" * 400 + ".onnx", f)})
+    assert response.status_code == 201
+    assert len(response.json()["name"]) == 255

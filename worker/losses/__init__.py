@@ -53,6 +53,3 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
 
 def build_loss(method: str, **params: float) -> nn.Module:
     return LOSSES[method](**params)
-
-
-__all__ = ["LOSSES", "KDLoss", "build_loss"]

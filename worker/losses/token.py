@@ -24,49 +24,52 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
-class ForwardKLLoss(nn.Module):
+class _TokenDivergence(nn.Module):
+    """Shared plumbing: temperature-softened log-probabilities in, masked mean times ``T^2`` out."""
+
+    name = ""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def per_position(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Terms]:
+        t = self.temperature
+        log_s = (upcast(student_logits) / t).log_softmax(-1)
+        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
+        loss = _masked_mean(self.per_position(log_s, log_t), mask) * t * t
+        return loss, {self.name: loss.detach()}
+
+
+class ForwardKLLoss(_TokenDivergence):
     """Forward KL, ``KL(p_teacher || p_student)`` at temperature ``T`` (times ``T^2``):
     mean-seeking, the classic word-level KD (Kim & Rush 2016)."""
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = temperature
+    name = "forward_kl"
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Terms]:
-        t = self.temperature
-        log_s = (upcast(student_logits) / t).log_softmax(-1)
-        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
-        loss = _masked_mean(_kl(log_t, log_s), mask) * t * t
-        return loss, {"forward_kl": loss.detach()}
+    def per_position(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        return _kl(log_t, log_s)
 
 
-class ReverseKLLoss(nn.Module):
+class ReverseKLLoss(_TokenDivergence):
     """Reverse KL, ``KL(p_student || p_teacher)`` at temperature ``T`` (times ``T^2``):
     mode-seeking (MiniLLM, Gu et al. ICLR 2024)."""
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = temperature
+    name = "reverse_kl"
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Terms]:
-        t = self.temperature
-        log_s = (upcast(student_logits) / t).log_softmax(-1)
-        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
-        loss = _masked_mean(_kl(log_s, log_t), mask) * t * t
-        return loss, {"reverse_kl": loss.detach()}
+    def per_position(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        return _kl(log_s, log_t)
 
 
-class GeneralizedJSDLoss(nn.Module):
+class GeneralizedJSDLoss(_TokenDivergence):
     """Generalised Jensen-Shannon divergence (Agarwal et al., ICLR 2024, GKD).
 
     ``m = beta * p_teacher + (1 - beta) * p_student``;
@@ -75,25 +78,18 @@ class GeneralizedJSDLoss(nn.Module):
     ``beta`` lies strictly between; use forward or reverse KL for the limits.
     """
 
+    name = "jsd"
+
     def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(temperature)
         if not 0.0 < beta < 1.0:
             raise ValueError("beta must lie strictly between 0 and 1")
-        self.beta, self.temperature = beta, temperature
+        self.beta = beta
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Terms]:
-        t, beta = self.temperature, self.beta
-        log_s = (upcast(student_logits) / t).log_softmax(-1)
-        log_t = (upcast(teacher_logits) / t).log_softmax(-1)
+    def per_position(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        beta = self.beta
         # log m computed stably: logsumexp of the two weighted log-probabilities.
         log_m = torch.logsumexp(
             torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0
         )
-        jsd = beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
-        loss = _masked_mean(jsd, mask) * t * t
-        return loss, {"jsd": loss.detach()}
+        return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)

@@ -115,6 +115,9 @@ def train(
     total_steps = training.epochs * steps_per_epoch
     teacher_val = logit_metrics(val_split.teacher_logits, val_split.teacher_logits, val_split.y)
 
+    patience = training.early_stopping_patience
+    if patience is not None and state.epochs_without_improvement >= patience:
+        return LoopOutcome(state, stopped=False, early_stopped=True)  # resumed after it stopped
     for epoch in range(state.epoch + 1, training.epochs + 1):
         student.train()
         started = time.perf_counter()
@@ -173,7 +176,6 @@ def train(
         state.generator_state = generator.get_state()
         sink.epoch_end(epoch, values)
         save_checkpoint(state)
-        patience = training.early_stopping_patience
         if patience is not None and state.epochs_without_improvement >= patience:
             return LoopOutcome(state, stopped=False, early_stopped=True)
     return LoopOutcome(state, stopped=False)

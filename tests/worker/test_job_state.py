@@ -1,0 +1,95 @@
+"""Job ownership on the real databases: claims, fencing of a superseded attempt, recovery."""
+
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.db import session_scope
+from app.models import Job, JobPhase, JobStatus, utcnow
+from tests.conftest import TeacherFiles, job_body, upload_teacher
+from worker.pipeline import JobCancelled, JobReporter, JobSuperseded, claim, finish
+from worker.recovery import recover_stale_jobs
+
+
+@pytest.fixture
+def job_id(client: TestClient, digits_teacher: TeacherFiles) -> str:
+    teacher = upload_teacher(client, digits_teacher)
+    return str(client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"])
+
+
+def set_job(job_id: str, **values: object) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        for key, value in values.items():
+            setattr(job, key, value)
+
+
+def get_job(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def test_claim_is_once(job_id: str) -> None:
+    assert claim(job_id, max_attempts=3) == 1
+    assert claim(job_id, max_attempts=3) is None  # a duplicate delivery
+    assert get_job(job_id).status == JobStatus.RUNNING
+
+
+def test_claim_respects_the_attempt_cap(job_id: str) -> None:
+    set_job(job_id, attempt=3)
+    assert claim(job_id, max_attempts=3) is None
+
+
+def test_a_superseded_attempt_stops_and_writes_nothing(job_id: str) -> None:
+    attempt = claim(job_id, max_attempts=3)
+    assert attempt == 1
+    reporter = JobReporter(job_id, attempt, interval_s=0.0)
+    reporter.progress(0.5)
+    # The job is requeued and claimed again by another worker.
+    set_job(job_id, status=JobStatus.QUEUED)
+    assert claim(job_id, max_attempts=3) == 2
+    with pytest.raises(JobSuperseded):
+        reporter.progress(0.6)
+    with pytest.raises(JobSuperseded):
+        reporter.epoch_end(1, {"loss": 1.0})
+    assert not finish(job_id, attempt, JobStatus.FAILED, error={"code": "x", "detail": "x"})
+    job = get_job(job_id)
+    assert (job.status, job.attempt) == (JobStatus.RUNNING, 2)
+
+
+def test_cancel_is_seen_at_the_next_phase(client: TestClient, job_id: str) -> None:
+    attempt = claim(job_id, max_attempts=3)
+    assert attempt is not None
+    reporter = JobReporter(job_id, attempt, interval_s=0.0)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+    with pytest.raises(JobCancelled):
+        reporter.phase(JobPhase.TRAINING)
+    assert reporter.should_stop()
+
+
+def test_recovery_requeues_only_silent_jobs(
+    client: TestClient, digits_teacher: TeacherFiles
+) -> None:
+    teacher = upload_teacher(client, digits_teacher)
+    ids = [client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"] for _ in range(4)]
+    silent, alive, cancelling, exhausted = ids
+    long_ago = utcnow() - timedelta(hours=1)
+    for job_id in ids:
+        claim(job_id, max_attempts=3)
+    set_job(silent, heartbeat_at=long_ago)
+    set_job(cancelling, heartbeat_at=long_ago, status=JobStatus.CANCELLING)
+    set_job(exhausted, heartbeat_at=long_ago, attempt=3)
+
+    assert recover_stale_jobs() == [silent]
+    assert get_job(silent).status == JobStatus.QUEUED
+    assert get_job(alive).status == JobStatus.RUNNING
+    assert get_job(cancelling).status == JobStatus.CANCELLED
+    failed = get_job(exhausted)
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert failed.error["code"] == "worker_lost"
+    assert claim(silent, max_attempts=3) == 2  # the requeued job can be claimed again
