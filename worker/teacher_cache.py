@@ -1,7 +1,9 @@
 """Teacher outputs, computed once per (teacher, dataset) pair and kept as a content-addressed file.
 
 The key is the teacher file's sha256, the dataset arrays' digest and the preprocessing version, so
-any later job on the same pair reads the logits instead of running the teacher again.
+any later job on the same pair reads the logits instead of running the teacher again. Where the
+output space is large, only each sample's top-k logits are kept, with the row's log-sum-exp so the
+rest of the probability mass is known (see ``compress_top_k``).
 """
 
 import hashlib
@@ -13,11 +15,44 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 PREPROCESSING_VERSION = "raw-float32-v1"
+TOP_K_ABOVE_CLASSES = 1024
+TOP_K = 64
 
 
 def cache_key(teacher_sha256: str, dataset_digest: str) -> str:
     text = f"{PREPROCESSING_VERSION}:{teacher_sha256}:{dataset_digest}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    peak = z.max(axis=-1, keepdims=True)
+    result: np.ndarray = (peak + np.log(np.exp(z - peak).sum(axis=-1, keepdims=True)))[..., 0]
+    return result
+
+
+def compress_top_k(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Keep each row's k largest logits, their class indices, and the row's log-sum-exp."""
+    indices = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    values = np.take_along_axis(logits, indices, axis=-1)
+    return {
+        "values": values.astype(np.float32),
+        "indices": indices.astype(np.int32),
+        "logsumexp": _logsumexp(logits.astype(np.float64)).astype(np.float32),
+        "num_classes": np.array([logits.shape[-1]], dtype=np.int64),
+    }
+
+
+def expand_top_k(stored: dict[str, np.ndarray]) -> np.ndarray:
+    """Dense logits again: the top-k exact, the remaining mass spread evenly over the other
+    classes, so ``softmax`` gives the top-k probabilities exactly and the tail in total."""
+    values, indices = stored["values"].astype(np.float64), stored["indices"]
+    lse = stored["logsumexp"].astype(np.float64)[..., None]
+    num_classes, k = int(stored["num_classes"][0]), values.shape[-1]
+    tail_mass = np.clip(1.0 - np.exp(values - lse).sum(axis=-1, keepdims=True), 1e-30, None)
+    fill = lse + np.log(tail_mass / (num_classes - k))
+    dense = np.repeat(fill, num_classes, axis=-1)
+    np.put_along_axis(dense, indices.astype(np.int64), values, axis=-1)
+    return dense.astype(np.float32)
 
 
 def cached_teacher_logits(
@@ -29,12 +64,30 @@ def cached_teacher_logits(
     """The teacher's logits for each named split, and whether they came from the cache."""
     path = directory / f"{key}.safetensors"
     if path.exists():
-        cached = load_file(str(path))
-        if set(cached) == set(splits):
-            return cached, True
-    logits = {name: np.ascontiguousarray(compute(x)) for name, x in splits.items()}
+        try:
+            cached = load_file(str(path))
+            return {name: _read_split(cached, name) for name in splits}, True
+        except KeyError:
+            pass  # written for other splits: compute and replace it
+    stored: dict[str, np.ndarray] = {}
+    for name, x in splits.items():
+        logits = np.ascontiguousarray(compute(x))
+        if logits.shape[-1] > TOP_K_ABOVE_CLASSES:
+            stored |= {f"{name}.{part}": v for part, v in compress_top_k(logits, TOP_K).items()}
+        else:
+            stored[name] = logits
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    save_file(logits, str(partial))
+    save_file(stored, str(partial))
     partial.replace(path)  # atomic: two jobs racing write the same content
-    return logits, False
+    # This job sees exactly what the cache will give later jobs, compressed or not.
+    return {name: _read_split(stored, name) for name in splits}, False
+
+
+def _read_split(stored: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name in stored:
+        return stored[name]
+    parts = {k.removeprefix(f"{name}."): v for k, v in stored.items() if k.startswith(f"{name}.")}
+    if not parts:
+        raise KeyError(name)
+    return expand_top_k(parts)

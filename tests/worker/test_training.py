@@ -15,7 +15,7 @@ from app.ml.architectures import MlpSpec, build_model, build_student
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import expected_calibration_error, kl_to_teacher, per_class_accuracy
 from worker.losses import KDLoss
-from worker.teacher_cache import cache_key, cached_teacher_logits
+from worker.teacher_cache import cache_key, cached_teacher_logits, compress_top_k, expand_top_k
 from worker.teachers import TeacherRunner, ensemble_logits
 from worker.training.loop import LoopState, Split, learning_rate, train
 
@@ -204,3 +204,30 @@ def test_ensemble_logits_average_softened_distributions() -> None:
     expected = 0.25 * p_a + 0.75 * torch.tensor([[0.5, 0.5]])
     assert torch.allclose(torch.softmax(torch.from_numpy(z2) / 2, -1), expected, atol=1e-6)
     assert ensemble_logits([a], [1.0], 4.0) is a
+
+
+def test_top_k_keeps_the_head_exact_and_the_tail_mass() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 2000)).astype(np.float32) * 3
+    dense = expand_top_k(compress_top_k(logits, 64))
+    p_true = torch.softmax(torch.from_numpy(logits).double(), -1)
+    p_back = torch.softmax(torch.from_numpy(dense).double(), -1)
+    top = torch.topk(p_true, 64, dim=-1).indices
+    assert torch.allclose(p_back.gather(-1, top), p_true.gather(-1, top), rtol=1e-4, atol=1e-7)
+    tail_true = 1 - p_true.gather(-1, top).sum(-1)
+    tail_back = 1 - p_back.gather(-1, top).sum(-1)
+    assert torch.allclose(tail_back, tail_true, rtol=1e-3, atol=1e-6)
+    assert (dense.argmax(-1) == logits.argmax(-1)).all()
+
+
+def test_large_output_spaces_are_cached_as_top_k(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    wide = rng.normal(size=(4, 5000)).astype(np.float32)
+    first, hit = cached_teacher_logits(tmp_path, "k", {"train": x}, lambda _: wide)
+    second, hit_again = cached_teacher_logits(tmp_path, "k", {"train": x}, lambda _: wide)
+    assert (hit, hit_again) == (False, True)
+    assert np.array_equal(first["train"], second["train"])  # the first job saw the cached form
+    assert first["train"].shape == (4, 5000)
+    on_disk = (tmp_path / "k.safetensors").stat().st_size
+    assert on_disk < wide.nbytes / 10
