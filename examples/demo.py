@@ -105,7 +105,9 @@ def table(result: dict[str, float], predict_accuracy: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--epochs", type=int, help="default: 5 on Fashion-MNIST, 30 on the small digits set"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output")
     parser.add_argument(
         "--url", help="use a Distill already running there (server mode) instead of starting one"
@@ -113,6 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset = "builtin:fashion-mnist" if fashion_mnist_dir() else "builtin:digits"
+    epochs = args.epochs or (5 if dataset == "builtin:fashion-mnist" else 30)
     name = dataset.removeprefix("builtin:")
     teacher_path = ROOT / "examples" / f"{name}_teacher.onnx"
     print(f"1. Teacher: a CNN trained on {dataset} ({teacher_path.name})", flush=True)
@@ -157,7 +160,7 @@ def main() -> None:
                 "student": {"architecture": "mlp", "hidden_sizes": [128]},
                 "distillation": {"method": "kd", "temperature": 4.0, "alpha": 0.9},
                 "training": {
-                    "epochs": args.epochs,
+                    "epochs": epochs,
                     "batch_size": 128,
                     "learning_rate": 0.001,
                     "seed": 0,
