@@ -35,6 +35,8 @@ def configure_celery(app: Celery, settings: Settings) -> None:
         app.conf.broker_transport_options = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
+            # Exchange metadata; kombu's default is ./control in the working directory.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     else:
