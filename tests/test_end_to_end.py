@@ -29,7 +29,7 @@ def start_worker(stack: Stack, tmp_path: Path) -> Iterator[StartWorker]:
     if stack.name == "server":
         redis.Redis.from_url(REDIS_URL).flushdb()
     else:
-        for message in (stack.home / "broker").glob("*"):
+        for message in (stack.home / "broker").glob("*.msg"):
             message.unlink()
     workers: list[subprocess.Popen[bytes]] = []
 
