@@ -25,7 +25,7 @@ from app.storage import sha256_file  # noqa: E402
 from worker.data import load_builtin  # noqa: E402
 from worker.evaluation import accuracy  # noqa: E402
 from worker.losses import build_loss  # noqa: E402
-from worker.pipeline import _split_validation  # noqa: E402
+from worker.pipeline import split_validation  # noqa: E402
 from worker.teacher_cache import cache_key, cached_teacher_logits  # noqa: E402
 from worker.teachers import TeacherRunner  # noqa: E402
 from worker.training.loop import Split, predict_logits, train  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
             {"teacher": "t", "dataset": "d", "student": spec.model_dump(), "distillation": method}
         ).distillation
         for seed in args.seeds:
-            train_arrays, val_arrays = _split_validation(
+            train_arrays, val_arrays = split_validation(
                 data.x_train, data.y_train, logits["train"], seed
             )
             train_split = Split(*(torch.from_numpy(np.ascontiguousarray(a)) for a in train_arrays))

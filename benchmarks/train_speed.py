@@ -29,7 +29,7 @@ from app.jobs.schemas import Training  # noqa: E402
 from app.ml.architectures import MlpSpec, build_student  # noqa: E402
 from worker.evaluation import accuracy  # noqa: E402
 from worker.losses import KDLoss  # noqa: E402
-from worker.pipeline import _split_validation  # noqa: E402
+from worker.pipeline import split_validation  # noqa: E402
 from worker.teacher_cache import cache_key, cached_teacher_logits  # noqa: E402
 from worker.teachers import TeacherRunner  # noqa: E402
 from worker.training.loop import Split, predict_logits, train  # noqa: E402
@@ -124,7 +124,7 @@ def engine(
         {"train": data.x_train, "test": data.x_test},
         runner.logits,  # type: ignore[attr-defined]
     )
-    train_arrays, val_arrays = _split_validation(
+    train_arrays, val_arrays = split_validation(
         data.x_train,
         data.y_train,
         logits["train"],
@@ -177,7 +177,7 @@ def main() -> None:
 
     peak = matmul_peak_gflops()
     # The plain loop trains on the same examples as the engine (its validation split held out).
-    train_arrays, _ = _split_validation(data.x_train, data.y_train, data.y_train, args.seed)
+    train_arrays, _ = split_validation(data.x_train, data.y_train, data.y_train, args.seed)
     x, y = torch.from_numpy(train_arrays[0]), torch.from_numpy(train_arrays[1])
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
 

@@ -100,9 +100,9 @@ def load_builtin(ref: str) -> DatasetArrays:
     return BUILTIN_LOADERS[ref]()
 
 
-def load_uploaded(path: Path, num_classes: int) -> DatasetArrays:
+def load_uploaded(path: Path) -> DatasetArrays:
     data = read_dataset_npz(path)
-    classes = [str(i) for i in range(num_classes)]
+    classes = [str(i) for i in range(data.num_classes)]
     if data.x_test is not None and data.y_test is not None:
         return DatasetArrays(data.x, data.y, data.x_test, data.y_test, classes)
     assert data.y is not None  # an unlabelled upload always brings its test split

@@ -183,7 +183,7 @@ def choose_device(settings: Settings) -> torch.device:
     return torch.device(settings.device)
 
 
-def load_dataset(ref: str, num_classes: int) -> DatasetArrays:
+def load_dataset(ref: str) -> DatasetArrays:
     if ref.startswith("builtin:"):
         return load_builtin(ref)
     with session_scope() as session:
@@ -191,10 +191,10 @@ def load_dataset(ref: str, num_classes: int) -> DatasetArrays:
         if dataset is None:
             raise JobFailure("dataset_missing", f"Dataset {ref} no longer exists.")
         key = dataset.storage_key
-    return load_uploaded(get_store().path(key), num_classes)
+    return load_uploaded(get_store().path(key))
 
 
-def _split_validation(
+def split_validation(
     x: np.ndarray, y: np.ndarray, logits: np.ndarray, seed: int
 ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """Hold out part of the training set to pick the best epoch; the test set stays unseen."""
@@ -286,7 +286,7 @@ def _run(
     torch.manual_seed(spec.training.seed)
 
     reporter.phase(JobPhase.VALIDATING)
-    data = load_dataset(spec.dataset, teacher.num_classes)
+    data = load_dataset(spec.dataset)
     if data.input_shape != teacher.input_shape:
         raise JobFailure(
             "shape_mismatch",
@@ -316,7 +316,7 @@ def _run(
     # Label-free: on an unlabelled transfer set the teacher's top-1 predictions stand in for
     # labels (for the cross-entropy terms and for choosing the best epoch).
     y_train = logits["train"].argmax(axis=1) if data.y_train is None else data.y_train
-    train_arrays, val_arrays = _split_validation(
+    train_arrays, val_arrays = split_validation(
         data.x_train, y_train, logits["train"], spec.training.seed
     )
     train_split, val_split = _to_split(train_arrays, device), _to_split(val_arrays, device)
@@ -358,6 +358,7 @@ def _run(
     teacher_test = logit_metrics(test_split.teacher_logits, test_split.teacher_logits, test_split.y)
     student_parameters = parameter_count(student)
     teacher_parameters = sum(t.parameter_count for t in teachers)
+    # The student has the teacher's outputs, which may be more than the dataset's classes.
     classes = data.classes + [str(i) for i in range(len(data.classes), teacher.num_classes)]
     result: dict[str, Any] = {
         "student_accuracy": student_test["accuracy"],

@@ -28,9 +28,7 @@ def list_jobs(
 ) -> JobPage:
     """Jobs, newest first, optionally of one status."""
     jobs, total = service.list_jobs(session, limit=limit, offset=offset, status=status)
-    return JobPage(
-        items=[service.job_out(session, j) for j in jobs], total=total, limit=limit, offset=offset
-    )
+    return JobPage(items=service.jobs_out(session, jobs), total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobOut)
