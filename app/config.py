@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     max_teacher_bytes: int = 1024 * MIB
     max_dataset_bytes: int = 1024 * MIB
     max_predict_batch: int = 1024
+    max_teacher_feature_bytes: int = Field(
+        default=4096 * MIB,
+        description="Feature methods hold the teacher's hooked outputs for the whole training "
+        "set in memory (the teacher then never runs per step); larger jobs are refused.",
+    )
 
     job_max_attempts: int = 3
     job_stale_after_s: int = Field(

@@ -44,6 +44,7 @@ class Base(DeclarativeBase):
         datetime: UTCDateTime,
         dict[str, Any]: JSON,
         list[int]: JSON,
+        list[dict[str, Any]]: JSON,
     }
 
 
@@ -94,6 +95,8 @@ class Teacher(Base):
     input_name: Mapped[str | None] = mapped_column(String(255))
     output_name: Mapped[str | None] = mapped_column(String(255))
     architecture: Mapped[dict[str, Any] | None]
+    # What feature methods can hook: [{"name", "shape", "kind"}] (see app.ml.layers).
+    feature_layers: Mapped[list[dict[str, Any]] | None]
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from sqlalchemy import delete
 
 from app import config, db, queue, storage
-from app.ml.architectures import MlpSpec, build_model
+from app.ml.architectures import CnnSpec, MlpSpec, build_model
 from app.models import Base
 
 POSTGRES_URL = os.environ.get(
@@ -103,15 +103,16 @@ class TeacherFiles:
     test_accuracy: float
 
 
-@pytest.fixture(scope="session")
-def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherFiles:
-    """A small MLP trained on digits for a few seconds, saved as ONNX and as safetensors."""
+def train_digits_teacher(
+    spec: MlpSpec | CnnSpec, directory: Path, onnx_features: str | None = None
+) -> TeacherFiles:
+    """Full-batch Adam on digits for a few seconds; saved as ONNX and as safetensors. With
+    ``onnx_features`` (a module path), the ONNX graph also outputs that layer as ``features``."""
     from worker.data import load_builtin
     from worker.export import export_onnx
 
     data = load_builtin("builtin:digits")
     torch.manual_seed(0)
-    spec = MlpSpec(hidden_sizes=[64])
     model = build_model(spec, data.input_shape, 10)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -122,8 +123,19 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherFiles:
     model.eval()
     with torch.no_grad():
         predictions = model(torch.from_numpy(data.x_test)).argmax(-1).numpy()
-    directory = tmp_path_factory.mktemp("teacher")
-    export_onnx(model, data.input_shape, directory / "teacher.onnx")
+    if onnx_features is None:
+        export_onnx(model, data.input_shape, directory / "teacher.onnx")
+    else:
+        torch.onnx.export(
+            WithFeatures(model, onnx_features).eval(),
+            (torch.zeros(2, *data.input_shape),),
+            str(directory / "teacher.onnx"),
+            input_names=["input"],
+            output_names=["logits", "features"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
+        )
     save_file(model.state_dict(), str(directory / "teacher.safetensors"))
     teacher_config = {
         "architecture": spec.model_dump(mode="json"),
@@ -135,6 +147,40 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherFiles:
         safetensors=directory / "teacher.safetensors",
         config=teacher_config,
         test_accuracy=float((predictions == data.y_test).mean()),
+    )
+
+
+class WithFeatures(torch.nn.Module):
+    """A model that returns ``(logits, output of the layer at path)``: how a user exports an
+    ONNX teacher whose intermediate features a feature method can match."""
+
+    def __init__(self, model: torch.nn.Module, path: str) -> None:
+        super().__init__()
+        self.model, self.path = model, path
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = []
+        handle = self.model.get_submodule(self.path).register_forward_hook(
+            lambda module, args, output: features.append(output)
+        )
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        return logits, features[0]
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherFiles:
+    """A small MLP teacher."""
+    return train_digits_teacher(MlpSpec(hidden_sizes=[64]), tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherFiles:
+    """A small CNN teacher whose ONNX graph also outputs its block's feature map [16, 4, 4]."""
+    return train_digits_teacher(
+        CnnSpec(channels=[16], hidden_sizes=[32]), tmp_path_factory.mktemp("cnn"), "3"
     )
 
 
@@ -152,6 +198,18 @@ def upload_teacher(client: TestClient, teacher: TeacherFiles) -> dict[str, objec
     return body
 
 
+def upload_safetensors_teacher(client: TestClient, teacher: TeacherFiles) -> dict[str, object]:
+    with open(teacher.safetensors, "rb") as f:
+        response = client.post(
+            "/v1/teachers",
+            files={"file": ("teacher.safetensors", f)},
+            data={"config": json.dumps(teacher.config)},
+        )
+    assert response.status_code == 201, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
 def job_body(teacher_id: object, **overrides: object) -> dict[str, object]:
     body: dict[str, object] = {
         "teacher": teacher_id,
@@ -161,7 +219,3 @@ def job_body(teacher_id: object, **overrides: object) -> dict[str, object]:
     }
     body.update(overrides)
     return body
-
-
-def safetensors_config_json(teacher: TeacherFiles) -> str:
-    return json.dumps(teacher.config)

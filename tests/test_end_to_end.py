@@ -2,7 +2,6 @@
 predict; cancel a running job; kill a worker mid-job and see the job finish on a new one."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,15 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.cli import worker_command
-from tests.conftest import REDIS_URL, Stack, TeacherFiles, job_body, npz_bytes, upload_teacher
+from tests.conftest import (
+    REDIS_URL,
+    Stack,
+    TeacherFiles,
+    job_body,
+    npz_bytes,
+    upload_safetensors_teacher,
+    upload_teacher,
+)
 from worker.data import load_builtin
 
 pytestmark = pytest.mark.e2e
@@ -150,12 +157,7 @@ def test_job_runs_end_to_end(
     transfer = npz_bytes(x=data.x_train, x_test=data.x_test, y_test=data.y_test)
     dataset = client.post("/v1/datasets", files={"file": ("transfer.npz", transfer)}).json()
     assert dataset["labelled"] is False
-    with open(digits_teacher.safetensors, "rb") as f:
-        twin = client.post(
-            "/v1/teachers",
-            files={"file": ("teacher.safetensors", f)},
-            data={"config": json.dumps(digits_teacher.config)},
-        ).json()
+    twin = upload_safetensors_teacher(client, digits_teacher)
     ensemble = {k: v for k, v in body.items() if k != "teacher"}
     ensemble |= {
         "dataset": dataset["ref"],
@@ -178,6 +180,44 @@ def test_job_runs_end_to_end(
     assert ragged.status_code == 422
     text = client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": [["a"] * 8]})
     assert text.status_code == 422
+
+
+def test_feature_methods_end_to_end(
+    client: TestClient, digits_cnn_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    """Each feature method trains a CNN student; hooks on a safetensors teacher, extra outputs of
+    an ONNX one."""
+    start_worker()
+    hooked = upload_safetensors_teacher(client, digits_cnn_teacher)["id"]
+    onnx = upload_teacher(client, digits_cnn_teacher)["id"]
+    training = {"epochs": 3, "batch_size": 64, "learning_rate": 0.01}
+    student = {"architecture": "cnn", "channels": [8]}
+    jobs = {
+        method: client.post(
+            "/v1/jobs",
+            json=job_body(
+                teacher, student=student, training=training, distillation={"method": method}
+            ),
+        ).json()["id"]
+        for method, teacher in (("fitnets", hooked), ("rkd", hooked), ("at", onnx), ("sp", onnx))
+    }
+    terms = {
+        "fitnets": "fitnets_loss",
+        "rkd": "rkd_distance_loss",
+        "at": "at_loss",
+        "sp": "sp_loss",
+    }
+    data = load_builtin("builtin:digits")
+    for method, job_id in jobs.items():
+        job = wait_for(client, job_id, is_terminal)
+        assert job["status"] == "succeeded", (method, job["error"])
+        assert job["result"]["student_accuracy"] > 0.8, method
+        values = job["latest_metrics"]
+        assert values[f"train_{terms[method]}"] > 0 and values["train_ce_loss"] > 0
+        predicted = client.post(
+            f"/v1/jobs/{job_id}/predict", json={"inputs": data.x_test[:50].tolist()}
+        ).json()["predictions"]
+        assert len(predicted) == 50
 
 
 def test_running_job_is_cancelled(

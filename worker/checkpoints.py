@@ -37,6 +37,7 @@ def save_checkpoint(state: LoopState, path: Path) -> None:
     tensors = {
         **_flatten("model", state.model_state),
         **_flatten("best", state.best_state),
+        **_flatten("loss", state.loss_state),
         **_flatten("optimizer", optimizer_tensors),
         "generator": state.generator_state.contiguous(),
     }
@@ -71,6 +72,7 @@ def load_checkpoint(path: Path) -> LoopState | None:
         epochs_without_improvement=int(metadata["epochs_without_improvement"]),
         best_state=_unflatten("best", tensors),
         model_state=_unflatten("model", tensors),
+        loss_state=_unflatten("loss", tensors),
         optimizer_state={"state": slots, "param_groups": json.loads(metadata["param_groups"])},
         generator_state=tensors["generator"],
     )

@@ -1,6 +1,7 @@
 """One job, start to finish: claim -> validate -> teacher outputs -> train -> evaluate -> export ->
 finalize. Database sessions are short and never held across slow work."""
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -16,8 +17,9 @@ from sqlalchemy import delete, update
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.errors import AppError
-from app.jobs.schemas import DistillationSpec
+from app.jobs.schemas import DistillationSpec, FeatureMethod
 from app.ml.architectures import CnnSpec, build_student, parameter_count
+from app.ml.layers import feature_layers
 from app.models import (
     Artifact,
     ArtifactFormat,
@@ -35,7 +37,8 @@ from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.data import DatasetArrays, load_builtin, load_uploaded
 from worker.evaluation import accuracy, logit_metrics, onnx_latency_ms, per_class_accuracy
 from worker.export import export_onnx, write_artifact
-from worker.losses import build_loss
+from worker.features import FeatureTap
+from worker.losses import build_feature_loss, build_loss
 from worker.teacher_cache import cache_key, cached_teacher_logits
 from worker.teachers import TeacherRunner, ensemble_logits
 from worker.training.loop import Split, predict_logits, train
@@ -322,10 +325,38 @@ def _run(
     train_split, val_split = _to_split(train_arrays, device), _to_split(val_arrays, device)
     test_split = _to_split((data.x_test, data.y_test, logits["test"]), device)
 
-    reporter.phase(JobPhase.TRAINING)
     student = build_student(
         spec.student, teacher.input_shape, teacher.num_classes, fit_inputs=train_split.x
     ).to(device)
+    method = spec.distillation
+    student_tap = None
+    loss_fn: torch.nn.Module
+    if isinstance(method, FeatureMethod):
+        assert method.layers is not None  # resolved at submission
+        student_paths = [pair.student for pair in method.layers]
+        features = runners[0].features(
+            train_arrays[0], [pair.teacher for pair in method.layers], on_batch=reporter.keep_alive
+        )
+        train_split = dataclasses.replace(
+            train_split, teacher_features=tuple(torch.from_numpy(f).to(device) for f in features)
+        )
+        student_shapes = {
+            layer.name: tuple(layer.shape)
+            for layer in feature_layers(spec.student, teacher.input_shape, teacher.num_classes)
+        }
+        loss_fn = build_feature_loss(
+            shapes=[
+                (student_shapes[path], f.shape[1:])
+                for path, f in zip(student_paths, features, strict=True)
+            ],
+            **method.model_dump(exclude={"layers"}),
+        ).to(device)
+        # Paths name modules of the architecture, after the student's input standardisation.
+        student_tap = FeatureTap(student, student_paths, root=student[1])
+    else:
+        loss_fn = build_loss(**method.model_dump())
+
+    reporter.phase(JobPhase.TRAINING)
     if isinstance(spec.student, CnnSpec):
         # NHWC: oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster in this layout.
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -337,7 +368,7 @@ def _run(
         log.info("job.resume", extra={"job_id": job_id, "epoch": resumed_from_epoch})
     outcome = train(
         student,
-        build_loss(**spec.distillation.model_dump()),
+        loss_fn,
         train_split,
         val_split,
         spec.training,
@@ -347,7 +378,10 @@ def _run(
         resume=resume,
         # bf16 autocast on CUDA: matmuls on tensor cores; losses upcast to float32 themselves.
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        student_tap=student_tap,
     )
+    if student_tap is not None:
+        student_tap.remove()  # evaluation and export see the plain student
     if outcome.stopped:
         raise JobCancelled(job_id)
 

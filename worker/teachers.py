@@ -1,5 +1,6 @@
 """Run an uploaded teacher, frozen: ONNX through onnxruntime, safetensors through our own
-architectures. Its logits are computed once per job, never per training step."""
+architectures. Its logits (and a feature method's hooked outputs) are computed once per job, never
+per training step: without augmentation the inputs never change."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 from app.ml.architectures import build_model
 from app.models import TeacherFormat
 from app.teachers.inspection import TeacherConfig
+from worker.features import FeatureTap
 
 
 class TeacherRunner:
@@ -56,6 +58,37 @@ class TeacherRunner:
                     out = self.model(torch.from_numpy(batch).to(self.device))
                 chunks.append(out.float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float32)
+
+    def features(
+        self,
+        x: np.ndarray,
+        names: list[str],
+        batch_size: int = 1024,
+        on_batch: Callable[[], None] | None = None,
+    ) -> list[np.ndarray]:
+        """The outputs at ``names`` (module paths, or extra ONNX outputs) for every sample,
+        float32, written into arrays allocated once (they can be the job's largest)."""
+        tap = FeatureTap(self.model, names) if self.model is not None else None
+        arrays: list[np.ndarray] = []
+        try:
+            for start in range(0, len(x), batch_size):
+                if on_batch is not None:
+                    on_batch()
+                batch = np.ascontiguousarray(x[start : start + batch_size])
+                if tap is None:
+                    outputs = self.session.run(names, {self.input_name: batch})
+                else:
+                    with torch.inference_mode():
+                        _, tensors = tap(torch.from_numpy(batch).to(self.device))
+                    outputs = [t.float().cpu().numpy() for t in tensors]
+                if not arrays:
+                    arrays = [np.empty((len(x), *o.shape[1:]), np.float32) for o in outputs]
+                for array, output in zip(arrays, outputs, strict=True):
+                    array[start : start + len(output)] = output
+        finally:
+            if tap is not None:
+                tap.remove()
+        return arrays
 
 
 def ensemble_logits(

@@ -18,6 +18,7 @@ class DatasetSummary:
     ref: str
     input_shape: tuple[int, ...]
     num_classes: int
+    train_size: int
 
 
 def uploaded_out(dataset: Dataset) -> DatasetOut:
@@ -111,8 +112,8 @@ def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
                 "or `distill download fashion-mnist`.",
                 field="dataset",
             )
-        return DatasetSummary(ref, builtin.input_shape, builtin.num_classes)
+        return DatasetSummary(ref, builtin.input_shape, builtin.num_classes, builtin.train_size)
     dataset = session.get(Dataset, ref)
     if dataset is None:
         raise InvalidSpec(f"No dataset with id {ref}.", field="dataset")
-    return DatasetSummary(ref, tuple(dataset.input_shape), dataset.num_classes)
+    return DatasetSummary(ref, tuple(dataset.input_shape), dataset.num_classes, dataset.train_size)

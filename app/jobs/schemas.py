@@ -92,6 +92,79 @@ class GeneralizedJSD(_Method):
     alpha: Alpha = 1.0
 
 
+class LayerPair(BaseModel):
+    """One hooked layer of each model whose outputs a feature method matches."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: str = Field(
+        min_length=1,
+        max_length=255,
+        description="A name from the teacher's `feature_layers` (a module path, or for an ONNX "
+        "teacher the name of an extra graph output).",
+    )
+    student: str = Field(
+        min_length=1,
+        max_length=255,
+        description="A module path in the student architecture, e.g. `7` for the output of a "
+        "`cnn` student's second block (a 422 lists them all).",
+    )
+
+
+FeatureWeight = Annotated[float, Field(ge=0.0, le=1e6)]
+
+
+class _FeatureMethod(_Method):
+    """Cross-entropy (or Hinton KD, with `alpha` > 0) plus a term matching hooked layers."""
+
+    layers: list[LayerPair] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4,
+        description="Defaults to the last feature map `[C, H, W]` of each model (FitNets, AT), "
+        "or each model's input to its classifier (SP, RKD); stored resolved on the job.",
+    )
+    temperature: Temperature = 4.0
+    alpha: Alpha = Field(
+        default=0.0,
+        description="Weight of a Hinton KD term on the logits; `1 - alpha` weights cross-entropy. "
+        "0 (the default) is the papers' setting: cross-entropy plus the feature term.",
+    )
+
+
+class FitNets(_FeatureMethod):
+    """Romero et al. ICLR 2015: `weight * mean((r(f_s) - f_t)^2)` with a learned 1x1-conv (or
+    linear) regressor `r`, summed over layer pairs."""
+
+    method: Literal["fitnets"]
+    weight: FeatureWeight = 1.0
+
+
+class AttentionTransfer(_FeatureMethod):
+    """Zagoruyko & Komodakis ICLR 2017: `weight / 2 * mean((a_s - a_t)^2)` between L2-normalised
+    spatial attention maps `a = normalize(mean_c(f^2))`, summed over pairs of equal H x W."""
+
+    method: Literal["at"]
+    weight: FeatureWeight = 1000.0
+
+
+class SimilarityPreserving(_FeatureMethod):
+    """Tung & Mori ICCV 2019: `weight * ||G_s - G_t||_F^2 / B^2` between the row-normalised
+    batch similarity matrices `G = normalize(F F^T)`."""
+
+    method: Literal["sp"]
+    weight: FeatureWeight = 3000.0
+
+
+class RelationalKD(_FeatureMethod):
+    """Park et al. CVPR 2019: Huber losses between the batch's normalised pairwise distances
+    (`distance_weight`) and triplet angles (`angle_weight`) of student and teacher embeddings."""
+
+    method: Literal["rkd"]
+    distance_weight: FeatureWeight = 25.0
+    angle_weight: FeatureWeight = 50.0
+
+
+FeatureMethod = FitNets | AttentionTransfer | SimilarityPreserving | RelationalKD
 DistillationMethod = Annotated[
     KnowledgeDistillation
     | LogitMSE
@@ -100,7 +173,11 @@ DistillationMethod = Annotated[
     | StandardizedKD
     | ForwardKL
     | ReverseKL
-    | GeneralizedJSD,
+    | GeneralizedJSD
+    | FitNets
+    | AttentionTransfer
+    | SimilarityPreserving
+    | RelationalKD,
     Field(discriminator="method"),
 ]
 

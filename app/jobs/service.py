@@ -4,16 +4,21 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.datasets.service import resolve_dataset
 from app.errors import Conflict, InvalidSpec, NotFound
-from app.jobs.schemas import DistillationSpec, JobOut
+from app.jobs.features import resolve_layer_pairs
+from app.jobs.schemas import DistillationSpec, FeatureMethod, JobOut
 from app.ml.architectures import CnnSpec
 from app.models import Job, JobMetric, JobPhase, JobStatus, Teacher, utcnow
 from app.queue import enqueue_after_commit
 
 
 def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
-    """Everything that can be checked before queueing, so a mistake is a 422, not a failed job."""
+    """Everything that can be checked before queueing, so a mistake is a 422, not a failed job.
+
+    Defaults that depend on the models (a feature method's layers) are filled into ``spec``.
+    """
     field = "teacher" if spec.teachers is None else "teachers"
     teachers = []
     for teacher_id, _ in spec.teacher_weights:
@@ -47,6 +52,20 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
         raise InvalidSpec(
             f"A cnn student needs image inputs [C, H, W]; these are {first.input_shape}.",
             field="student.architecture",
+        )
+    if isinstance(spec.distillation, FeatureMethod):
+        if len(teachers) > 1:
+            raise InvalidSpec(
+                f"`{spec.distillation.method}` matches the layers of one teacher; an ensemble "
+                "has no common layers. Use a logit method (e.g. `kd`) for ensembles.",
+                field="teachers",
+            )
+        spec.distillation.layers = resolve_layer_pairs(
+            spec.distillation,
+            first,
+            spec.student,
+            dataset,
+            get_settings().max_teacher_feature_bytes,
         )
     return teachers
 

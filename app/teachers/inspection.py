@@ -9,7 +9,7 @@ architecture that Distill builds itself.
 import json
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import InvalidModel, PickleRefused, UnsupportedFormat
 from app.ml.architectures import ModelSpec, build_model, parameter_count
+from app.ml.layers import FeatureLayer, feature_layers
 from app.models import TeacherFormat
 
 EXPORT_HELP = (
@@ -50,6 +51,7 @@ class TeacherInfo:
     input_name: str | None = None
     output_name: str | None = None
     architecture: dict[str, Any] | None = None
+    feature_layers: list[FeatureLayer] = field(default_factory=list)
 
 
 def _zip_kind(path: Path) -> str | None:
@@ -169,6 +171,15 @@ def _inspect_onnx(path: Path, filename: str) -> TeacherInfo:
         parameter_count=parameters,
         input_name=inputs[0].name[:255],
         output_name=outputs[0].name[:255],
+        # Intermediate tensors a feature method can match are the graph's further outputs.
+        feature_layers=[
+            FeatureLayer(name=output.name, shape=list(output.shape[1:]))
+            for output in outputs[1:]
+            if len(output.shape) >= 2
+            and output.type == "tensor(float)"
+            and all(isinstance(d, int) and d > 0 for d in output.shape[1:])
+            and len(output.name) <= 255
+        ],
     )
 
 
@@ -224,4 +235,7 @@ def _inspect_safetensors(path: Path, config: str | None) -> TeacherInfo:
         num_classes=teacher_config.num_classes,
         parameter_count=parameter_count(model),
         architecture=teacher_config.model_dump(mode="json"),
+        feature_layers=feature_layers(
+            teacher_config.architecture, shape, teacher_config.num_classes
+        ),
     )

@@ -35,6 +35,7 @@ def create_teacher(
         input_name=info.input_name,
         output_name=info.output_name,
         architecture=info.architecture,
+        feature_layers=[layer.model_dump() for layer in info.feature_layers],
         storage_key="",
     )
     session.add(teacher)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from fastapi.testclient import TestClient
 
-from tests.conftest import TeacherFiles, upload_teacher
+from tests.conftest import TeacherFiles, upload_safetensors_teacher, upload_teacher
 
 
 class WritesAFileWhenUnpickled:
@@ -32,15 +32,9 @@ def test_onnx_teacher_is_inspected(client: TestClient, digits_teacher: TeacherFi
 
 
 def test_safetensors_teacher_with_config(client: TestClient, digits_teacher: TeacherFiles) -> None:
-    with open(digits_teacher.safetensors, "rb") as f:
-        response = client.post(
-            "/v1/teachers",
-            files={"file": ("teacher.safetensors", f)},
-            data={"config": json.dumps(digits_teacher.config)},
-        )
-    assert response.status_code == 201, response.text
-    assert response.json()["format"] == "safetensors"
-    assert response.json()["parameter_count"] == 4810
+    body = upload_safetensors_teacher(client, digits_teacher)
+    assert body["format"] == "safetensors"
+    assert body["parameter_count"] == 4810
 
 
 def test_safetensors_that_do_not_fit_the_config(

@@ -1,7 +1,9 @@
 """Distillation losses, keyed by the ``method`` a job spec names.
 
-Every entry takes the spec's parameters as keyword arguments and returns a module called as
-``loss(student_logits, teacher_logits, labels) -> (total, terms)``.
+Logit methods (``LOSSES``) take the spec's parameters as keyword arguments and return a module
+called as ``loss(student_logits, teacher_logits, labels) -> (total, terms)``. Feature methods
+(``FEATURE_LOSSES``) also take the per-sample shapes of their (student, teacher) layer pairs, and
+are called with the two models' hooked outputs as well (see ``FeatureKD``).
 """
 
 from collections.abc import Callable
@@ -11,6 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.losses.common import upcast
+from worker.losses.features import (
+    AttentionTransferLoss,
+    FeatureKD,
+    FitNetsLoss,
+    RKDLoss,
+    Shape,
+    SimilarityPreservingLoss,
+)
 from worker.losses.kd import KDLoss
 from worker.losses.logit import DISTLoss, DKDLoss, LogitMSELoss, StandardizedKDLoss
 from worker.losses.token import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss
@@ -53,3 +63,28 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
 
 def build_loss(method: str, **params: float) -> nn.Module:
     return LOSSES[method](**params)
+
+
+def _shapeless(criterion: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def build(shapes: list[tuple[Shape, Shape]], **params: float) -> nn.Module:
+        return criterion(**params)
+
+    return build
+
+
+FEATURE_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "fitnets": FitNetsLoss,  # sizes its adapters from the shapes
+    "at": _shapeless(AttentionTransferLoss),
+    "sp": _shapeless(SimilarityPreservingLoss),
+    "rkd": _shapeless(RKDLoss),
+}
+
+
+def build_feature_loss(
+    method: str,
+    shapes: list[tuple[Shape, Shape]],
+    temperature: float,
+    alpha: float,
+    **params: float,
+) -> FeatureKD:
+    return FeatureKD(FEATURE_LOSSES[method](shapes, **params), temperature, alpha)

@@ -2,6 +2,7 @@
 ``should_stop`` between steps, and hands a checkpoint to ``save_checkpoint`` after every epoch, so
 the pipeline decides what progress, cancel and persistence mean."""
 
+import contextlib
 import copy
 import math
 import time
@@ -14,10 +15,7 @@ from torch import nn
 
 from app.jobs.schemas import Training
 from worker.evaluation import logit_metrics
-
-LossFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]
-]
+from worker.features import FeatureTap
 
 
 class MetricSink(Protocol):
@@ -28,11 +26,13 @@ class MetricSink(Protocol):
 
 @dataclass(frozen=True)
 class Split:
-    """Inputs, labels and the teacher's logits for the same samples, already on the device."""
+    """Inputs, labels and the teacher's logits (and, for feature methods, its hooked outputs)
+    for the same samples, already on the device."""
 
     x: torch.Tensor
     y: torch.Tensor
     teacher_logits: torch.Tensor
+    teacher_features: tuple[torch.Tensor, ...] = ()
 
     def __len__(self) -> int:
         return len(self.y)
@@ -49,6 +49,7 @@ class LoopState:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer_state: dict[str, object] = field(default_factory=dict)
     model_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_state: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. FitNets adapters
     generator_state: torch.Tensor | None = None
 
 
@@ -90,7 +91,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) ->
 
 def train(
     student: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: nn.Module,
     train_split: Split,
     val_split: Split,
     training: Training,
@@ -99,13 +100,18 @@ def train(
     save_checkpoint: Callable[[LoopState], None],
     resume: LoopState | None = None,
     autocast_dtype: torch.dtype | None = None,
+    student_tap: FeatureTap | None = None,
 ) -> LoopOutcome:
+    """Minimise ``loss_fn(student_logits, teacher_logits, labels)``; with a ``student_tap``
+    (feature methods), ``loss_fn(..., student_features, teacher_features)``, training the loss's
+    own parameters (adapters) with the student."""
     device = train_split.x.device
-    optimizer = make_optimizer(list(student.parameters()), training)
+    optimizer = make_optimizer([*student.parameters(), *loss_fn.parameters()], training)
     generator = torch.Generator().manual_seed(training.seed)
     state = resume or LoopState(best_state=copy.deepcopy(student.state_dict()))
     if resume is not None:
         student.load_state_dict(resume.model_state)
+        loss_fn.load_state_dict(resume.loss_state)
         optimizer.load_state_dict(resume.optimizer_state)
         assert resume.generator_state is not None
         generator.set_state(resume.generator_state)
@@ -115,6 +121,11 @@ def train(
     total_steps = training.epochs * steps_per_epoch
     teacher_val = logit_metrics(val_split.teacher_logits, val_split.teacher_logits, val_split.y)
 
+    autocast = (
+        contextlib.nullcontext()
+        if autocast_dtype is None
+        else torch.autocast(device.type, dtype=autocast_dtype)
+    )
     patience = training.early_stopping_patience
     if patience is not None and state.epochs_without_improvement >= patience:
         return LoopOutcome(state, stopped=False, early_stopped=True)  # resumed after it stopped
@@ -133,14 +144,17 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(training, global_step, total_steps, steps_per_epoch)
             idx = order[step * training.batch_size : (step + 1) * training.batch_size]
-            if autocast_dtype is None:
-                logits = student(train_split.x[idx])
-            else:
-                with torch.autocast(device.type, dtype=autocast_dtype):
-                    logits = student(train_split.x[idx])
-            loss, terms = loss_fn(logits, train_split.teacher_logits[idx], train_split.y[idx])
+            with autocast:
+                if student_tap is None:
+                    logits, features = student(train_split.x[idx]), None
+                else:
+                    logits, features = student_tap(train_split.x[idx])
+            inputs = [logits, train_split.teacher_logits[idx], train_split.y[idx]]
+            if features is not None:
+                inputs += [features, [f[idx] for f in train_split.teacher_features]]
+            loss, terms = loss_fn(*inputs)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             if training.grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip_norm)
             optimizer.step()
@@ -172,6 +186,7 @@ def train(
         else:
             state.epochs_without_improvement += 1
         state.model_state = student.state_dict()
+        state.loss_state = loss_fn.state_dict()
         state.optimizer_state = optimizer.state_dict()
         state.generator_state = generator.get_state()
         sink.epoch_end(epoch, values)

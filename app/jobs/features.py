@@ -1,0 +1,112 @@
+"""The layers a feature method matches: defaults filled in and every pair checked at submission,
+so a name or shape that cannot work is a 422 and the stored spec names its layers explicitly."""
+
+import math
+
+from app.datasets.service import DatasetSummary
+from app.errors import InvalidSpec
+from app.jobs.schemas import (
+    AttentionTransfer,
+    FeatureMethod,
+    FitNets,
+    LayerPair,
+)
+from app.ml.architectures import CnnSpec, MlpSpec
+from app.ml.layers import FeatureLayer, feature_layers, last_feature_map
+from app.models import Teacher, TeacherFormat
+
+FIELD = "distillation.layers"
+BYTES_PER_VALUE = 4  # the teacher's outputs are held as float32
+ONNX_HELP = (
+    "An ONNX teacher exposes intermediate tensors as extra graph outputs after the logits, "
+    "e.g. a module returning `(logits, features)` exported with "
+    "`output_names=['logits', 'features']`; or upload it as safetensors with a `config`."
+)
+
+
+def _listing(layers: list[FeatureLayer]) -> str:
+    shown = ", ".join(f"{layer.name} {layer.shape}" for layer in layers[:40])
+    return shown + (", ..." if len(layers) > 40 else "")
+
+
+def _default_pair(
+    method: FeatureMethod, teacher: list[FeatureLayer], student: list[FeatureLayer]
+) -> LayerPair:
+    if isinstance(method, FitNets | AttentionTransfer):
+        teacher_map, student_map = last_feature_map(teacher), last_feature_map(student)
+        if teacher_map is None or student_map is None:
+            which = "teacher" if teacher_map is None else "student"
+            raise InvalidSpec(
+                f"`{method.method}` by default matches the last feature map [C, H, W] of each "
+                f"model, and the {which} has none. Name the layers in `layers`"
+                + (" (FitNets also matches vectors)." if isinstance(method, FitNets) else ".")
+                + " Or use a `cnn` student.",
+                field=FIELD,
+            )
+        return LayerPair(teacher=teacher_map.name, student=student_map.name)
+    # SP and RKD relate the samples of a batch to each other: the embedding the classifier reads.
+    return LayerPair(teacher=teacher[-1].name, student=student[-1].name)
+
+
+def _check_shapes(method: FeatureMethod, teacher: list[int], student: list[int]) -> None:
+    same_grid = len(teacher) == len(student) == 3 and teacher[1:] == student[1:]
+    if isinstance(method, AttentionTransfer) and not same_grid:
+        raise InvalidSpec(
+            f"Attention transfer compares spatial maps: both layers must be [C, H, W] with the "
+            f"same H x W; got teacher {teacher} and student {student}.",
+            field=FIELD,
+        )
+    if isinstance(method, FitNets) and not (same_grid or len(teacher) == len(student) == 1):
+        raise InvalidSpec(
+            f"FitNets regresses the teacher's features with a 1x1 convolution (maps of the same "
+            f"H x W) or a linear layer (two vectors); got teacher {teacher} and student {student}.",
+            field=FIELD,
+        )
+
+
+def resolve_layer_pairs(
+    method: FeatureMethod,
+    teacher: Teacher,
+    student: MlpSpec | CnnSpec,
+    dataset: DatasetSummary,
+    max_teacher_feature_bytes: int,
+) -> list[LayerPair]:
+    if teacher.feature_layers is None:
+        raise InvalidSpec(
+            f"Teacher {teacher.id} was uploaded before Distill listed feature layers; upload it "
+            "again to use feature methods.",
+            field="teacher",
+        )
+    teacher_layers = [FeatureLayer.model_validate(layer) for layer in teacher.feature_layers]
+    if not teacher_layers:
+        raise InvalidSpec(
+            f"Teacher {teacher.id} exposes no intermediate outputs for `{method.method}`. "
+            + (ONNX_HELP if teacher.format == TeacherFormat.ONNX else ""),
+            field="teacher",
+        )
+    student_layers = feature_layers(student, tuple(teacher.input_shape), teacher.num_classes)
+    pairs = method.layers or [_default_pair(method, teacher_layers, student_layers)]
+    by_name = {
+        "teacher": {layer.name: layer for layer in teacher_layers},
+        "student": {layer.name: layer for layer in student_layers},
+    }
+    feature_values = 0
+    for pair in pairs:
+        for side, name in (("teacher", pair.teacher), ("student", pair.student)):
+            if name not in by_name[side]:
+                listed = teacher_layers if side == "teacher" else student_layers
+                raise InvalidSpec(
+                    f"The {side} has no layer {name!r}; it has: {_listing(listed)}.", field=FIELD
+                )
+        teacher_shape = by_name["teacher"][pair.teacher].shape
+        _check_shapes(method, teacher_shape, by_name["student"][pair.student].shape)
+        feature_values += math.prod(teacher_shape)
+    needed = dataset.train_size * feature_values * BYTES_PER_VALUE
+    if needed > max_teacher_feature_bytes:
+        raise InvalidSpec(
+            f"The teacher's outputs at these layers take {needed / 2**20:,.0f} MiB for "
+            f"{dataset.train_size:,} samples; this server allows "
+            f"{max_teacher_feature_bytes / 2**20:,.0f} MiB. Choose a smaller (deeper) layer.",
+            field=FIELD,
+        )
+    return pairs
