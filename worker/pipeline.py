@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from app.config import Settings, get_settings
 from app.db import session_scope
 from app.errors import AppError
 from app.jobs.schemas import DistillationSpec, FeatureMethod
-from app.ml.architectures import CnnSpec, build_student, parameter_count
+from app.ml.architectures import CnnSpec, MlpSpec, build_student, parameter_count
 from app.ml.layers import feature_layers
 from app.models import (
     Artifact,
@@ -207,7 +208,7 @@ def split_validation(
     return (x[tr], y[tr], logits[tr]), (x[val], y[val], logits[val])
 
 
-def _to_split(arrays: tuple[np.ndarray, ...], device: torch.device) -> Split:
+def to_split(arrays: tuple[np.ndarray, ...], device: torch.device) -> Split:
     x, y, logits = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
     return Split(x=x, y=y, teacher_logits=logits)
 
@@ -236,6 +237,42 @@ def _load_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord], list[
                 )
             )
         return spec, records, [w for _, w in spec.teacher_weights]
+
+
+def prepare_feature_method(
+    method: FeatureMethod,
+    runner: TeacherRunner,
+    train_split: Split,
+    student: torch.nn.Sequential,
+    student_spec: MlpSpec | CnnSpec,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[Split, torch.nn.Module, FeatureTap]:
+    """What a feature method adds: the teacher's outputs at its layers for the training split
+    (computed once: the inputs never change), the loss with adapters sized for each layer pair,
+    and a tap on the student's layers."""
+    assert method.layers is not None  # resolved at submission
+    device = train_split.x.device
+    features = runner.features(
+        train_split.x.cpu().numpy(), [pair.teacher for pair in method.layers], on_batch=on_batch
+    )
+    input_shape = tuple(train_split.x.shape[1:])
+    student_shapes = {
+        layer.name: tuple(layer.shape)
+        for layer in feature_layers(student_spec, input_shape, train_split.teacher_logits.shape[1])
+    }
+    student_paths = [pair.student for pair in method.layers]
+    loss_fn = build_feature_loss(
+        shapes=[
+            (student_shapes[path], f.shape[1:])
+            for path, f in zip(student_paths, features, strict=True)
+        ],
+        **method.model_dump(exclude={"layers"}),
+    ).to(device)
+    train_split = dataclasses.replace(
+        train_split, teacher_features=tuple(torch.from_numpy(f).to(device) for f in features)
+    )
+    # Paths name modules of the architecture, after the student's input standardisation.
+    return train_split, loss_fn, FeatureTap(student, student_paths, root=student[1])
 
 
 def teacher_latency_ms(teacher: TeacherRecord, runner: TeacherRunner) -> float:
@@ -322,8 +359,8 @@ def _run(
     train_arrays, val_arrays = split_validation(
         data.x_train, y_train, logits["train"], spec.training.seed
     )
-    train_split, val_split = _to_split(train_arrays, device), _to_split(val_arrays, device)
-    test_split = _to_split((data.x_test, data.y_test, logits["test"]), device)
+    train_split, val_split = to_split(train_arrays, device), to_split(val_arrays, device)
+    test_split = to_split((data.x_test, data.y_test, logits["test"]), device)
 
     student = build_student(
         spec.student, teacher.input_shape, teacher.num_classes, fit_inputs=train_split.x
@@ -332,27 +369,9 @@ def _run(
     student_tap = None
     loss_fn: torch.nn.Module
     if isinstance(method, FeatureMethod):
-        assert method.layers is not None  # resolved at submission
-        student_paths = [pair.student for pair in method.layers]
-        features = runners[0].features(
-            train_arrays[0], [pair.teacher for pair in method.layers], on_batch=reporter.keep_alive
+        train_split, loss_fn, student_tap = prepare_feature_method(
+            method, runners[0], train_split, student, spec.student, reporter.keep_alive
         )
-        train_split = dataclasses.replace(
-            train_split, teacher_features=tuple(torch.from_numpy(f).to(device) for f in features)
-        )
-        student_shapes = {
-            layer.name: tuple(layer.shape)
-            for layer in feature_layers(spec.student, teacher.input_shape, teacher.num_classes)
-        }
-        loss_fn = build_feature_loss(
-            shapes=[
-                (student_shapes[path], f.shape[1:])
-                for path, f in zip(student_paths, features, strict=True)
-            ],
-            **method.model_dump(exclude={"layers"}),
-        ).to(device)
-        # Paths name modules of the architecture, after the student's input standardisation.
-        student_tap = FeatureTap(student, student_paths, root=student[1])
     else:
         loss_fn = build_loss(**method.model_dump())
 

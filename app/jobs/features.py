@@ -29,7 +29,7 @@ def _listing(layers: list[FeatureLayer]) -> str:
     return shown + (", ..." if len(layers) > 40 else "")
 
 
-def _default_pair(
+def default_layer_pair(
     method: FeatureMethod, teacher: list[FeatureLayer], student: list[FeatureLayer]
 ) -> LayerPair:
     if isinstance(method, FitNets | AttentionTransfer):
@@ -85,7 +85,7 @@ def resolve_layer_pairs(
             field="teacher",
         )
     student_layers = feature_layers(student, tuple(teacher.input_shape), teacher.num_classes)
-    pairs = method.layers or [_default_pair(method, teacher_layers, student_layers)]
+    pairs = method.layers or [default_layer_pair(method, teacher_layers, student_layers)]
     by_name = {
         "teacher": {layer.name: layer for layer in teacher_layers},
         "student": {layer.name: layer for layer in student_layers},
