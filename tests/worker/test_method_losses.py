@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.jobs.schemas import DistillationSpec
-from worker.losses import LOSSES, build_loss
+from worker.losses import FEATURE_LOSSES, LOSSES, build_feature_loss, build_loss
 from worker.losses.logit import DISTLoss, DKDLoss, LogitMSELoss, StandardizedKDLoss
 from worker.losses.token import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss
 
@@ -216,11 +216,18 @@ def test_every_spec_method_has_a_loss_and_defaults_build() -> None:
     methods = {
         typing.get_args(m.model_fields["method"].annotation)[0]: m for m in typing.get_args(union)
     }
-    assert set(methods) == set(LOSSES)
+    assert set(methods) == set(LOSSES) | set(FEATURE_LOSSES)
+    assert not set(LOSSES) & set(FEATURE_LOSSES)
     s, t, y = tensors()
+    features = [torch.randn(len(y), 2, 3, 3)], [torch.randn(len(y), 4, 3, 3)]
     for name, model in methods.items():
         params = model.model_validate({"method": name}).model_dump()
-        total, terms = build_loss(**params)(s.float(), t.float(), y)
+        if name in FEATURE_LOSSES:
+            del params["layers"]
+            loss = build_feature_loss(shapes=[((2, 3, 3), (4, 3, 3))], **params)
+            total, terms = loss(s.float(), t.float(), y, *features)
+        else:
+            total, terms = build_loss(**params)(s.float(), t.float(), y)
         assert torch.isfinite(total) and total.item() >= 0, name
         assert terms
 
