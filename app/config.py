@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads per worker process; default: the cores this process may "
+        "use, divided among the worker's pool processes.",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -114,6 +114,8 @@ def test_job_runs_end_to_end(
     )
     assert result["student_latency_ms"] > 0 and result["teacher_latency_ms"] > 0
     assert result["teacher_outputs_cached"] is False and result["resumed_from_epoch"] is None
+    # One pool process: torch takes all the cores it may use.
+    assert result["cpu_threads"] == len(os.sched_getaffinity(0))
     assert len(result["student_per_class_accuracy"]) == 10
     assert 0 <= result["student_ece"] <= 1 and result["kl_to_teacher"] > 0
 

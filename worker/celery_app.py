@@ -4,11 +4,16 @@
 - prefetch 1: a worker never holds a second job while it trains;
 - one task per child process: each job gets a fresh process (GPU memory returned, no CUDA state
   inherited across fork); the parent never touches CUDA;
-- the periodic recovery task requeues jobs whose worker died (see worker/recovery.py).
+- the periodic recovery task requeues jobs whose worker died (see worker/recovery.py);
+- each pool process takes its share of the CPU cores for torch's threads (see
+  ``DISTILL_TORCH_THREADS``), not all of them each: oversubscribed threads spin and thrash.
 """
 
+import os
+from typing import Any
+
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init
 
 from app.config import get_settings
 from app.db import get_engine
@@ -35,7 +40,20 @@ celery_app.conf.update(
 )
 
 
+pool_processes = 1
+
+
+@celeryd_init.connect
+def _remember_pool_size(options: dict[str, Any], **_: object) -> None:
+    global pool_processes  # set in the parent, inherited by the forked pool processes
+    pool_processes = int(options.get("concurrency") or os.cpu_count() or 1)
+
+
 @worker_process_init.connect
-def _fresh_connections_after_fork(**_: object) -> None:
+def _set_up_pool_process(**_: object) -> None:
     # Pooled connections must not be shared with the parent process.
     get_engine().dispose(close=False)
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(settings.torch_threads or max(1, cores // pool_processes))

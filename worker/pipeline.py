@@ -453,6 +453,7 @@ def _run(
         "val_samples": len(val_split),
         "test_samples": len(test_split),
         "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
     }
 
     reporter.phase(JobPhase.EXPORTING)

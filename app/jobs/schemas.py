@@ -202,6 +202,11 @@ class Training(BaseModel):
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="Stop after this many epochs without a better val accuracy."
     )
+    compile: bool = Field(
+        default=False,
+        description="Train through `torch.compile(student)`: fused kernels, mainly for large "
+        "students on CUDA; the first epoch pays for the compilation.",
+    )
 
 
 class WeightedTeacher(BaseModel):

@@ -231,3 +231,13 @@ def test_large_output_spaces_are_cached_as_top_k(tmp_path: Path) -> None:
     assert first["train"].shape == (4, 5000)
     on_disk = (tmp_path / "k.safetensors").stat().st_size
     assert on_disk < wide.nbytes / 10
+
+
+def test_compiled_training_matches_eager_with_plain_state_keys() -> None:
+    """`compile` trains through torch.compile; checkpoints and exports see the plain student."""
+    training = Training(epochs=1, batch_size=16, learning_rate=0.01)
+    eager, _, _ = run(training)
+    compiled, _, state = run(training.model_copy(update={"compile": True}))
+    assert compiled.state_dict().keys() == eager.state_dict().keys() == state.best_state.keys()
+    for key, value in eager.state_dict().items():
+        assert torch.allclose(value, compiled.state_dict()[key], atol=1e-5), key

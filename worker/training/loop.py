@@ -107,6 +107,10 @@ def train(
     own parameters (adapters) with the student."""
     device = train_split.x.device
     optimizer = make_optimizer([*student.parameters(), *loss_fn.parameters()], training)
+    # The compiled module shares the student's parameters; state is read from `student` itself.
+    forward: nn.Module = torch.compile(student) if training.compile else student  # type: ignore[assignment]
+    if student_tap is not None:
+        student_tap.model = forward
     generator = torch.Generator().manual_seed(training.seed)
     state = resume or LoopState(best_state=copy.deepcopy(student.state_dict()))
     if resume is not None:
@@ -146,7 +150,7 @@ def train(
             idx = order[step * training.batch_size : (step + 1) * training.batch_size]
             with autocast:
                 if student_tap is None:
-                    logits, features = student(train_split.x[idx]), None
+                    logits, features = forward(train_split.x[idx]), None
                 else:
                     logits, features = student_tap(train_split.x[idx])
             inputs = [logits, train_split.teacher_logits[idx], train_split.y[idx]]
