@@ -31,7 +31,7 @@ BATCH_SIZE = 128
 EVAL_BATCH_SIZE = 1000
 PEAK_LR = 3e-3
 WEIGHT_DECAY = 5e-4
-DEFAULT_EPOCHS = {"builtin:fashion-mnist": 3, "builtin:digits": 20}
+DEFAULT_EPOCHS = {"builtin:fashion-mnist": 4, "builtin:digits": 20}
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
         "--dataset", choices=sorted(DEFAULT_EPOCHS), default="builtin:fashion-mnist"
     )
     parser.add_argument("--out", type=Path, help="default: examples/<dataset>_teacher.onnx")
-    parser.add_argument("--epochs", type=int, help="default: 3 for fashion-mnist, 20 for digits")
+    parser.add_argument("--epochs", type=int, help="default: 4 for fashion-mnist, 20 for digits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--force", action="store_true", help="retrain even if --out exists")
