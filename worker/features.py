@@ -27,10 +27,13 @@ class FeatureTap:
 
         return hook
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(
+        self, x: torch.Tensor, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``model`` replaces the tapped model for this call: a compiled wrapper of it, say."""
         self._outputs = {}
         try:
-            output = self.model(x)
+            output = (self.model if model is None else model)(x)
             return output, [self._outputs[path] for path in self.paths]
         finally:
             self._outputs = None

@@ -106,11 +106,10 @@ def train(
     (feature methods), ``loss_fn(..., student_features, teacher_features)``, training the loss's
     own parameters (adapters) with the student."""
     device = train_split.x.device
-    optimizer = make_optimizer([*student.parameters(), *loss_fn.parameters()], training)
+    parameters = [*student.parameters(), *loss_fn.parameters()]
+    optimizer = make_optimizer(parameters, training)
     # The compiled module shares the student's parameters; state is read from `student` itself.
     forward: nn.Module = torch.compile(student) if training.compile else student  # type: ignore[assignment]
-    if student_tap is not None:
-        student_tap.model = forward
     generator = torch.Generator().manual_seed(training.seed)
     state = resume or LoopState(best_state=copy.deepcopy(student.state_dict()))
     if resume is not None:
@@ -152,7 +151,7 @@ def train(
                 if student_tap is None:
                     logits, features = forward(train_split.x[idx]), None
                 else:
-                    logits, features = student_tap(train_split.x[idx])
+                    logits, features = student_tap(train_split.x[idx], forward)
             inputs = [logits, train_split.teacher_logits[idx], train_split.y[idx]]
             if features is not None:
                 inputs += [features, [f[idx] for f in train_split.teacher_features]]
@@ -160,7 +159,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if training.grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(student.parameters(), training.grad_clip_norm)
+                nn.utils.clip_grad_norm_(parameters, training.grad_clip_norm)
             optimizer.step()
             # Sum on the device, all terms in one tensor; .item() only once per epoch (a sync).
             step_values = torch.stack([loss.detach(), *terms.values()])
