@@ -167,6 +167,10 @@ def test_safetensors_teacher_is_frozen_in_eval_mode(tmp_path: Path) -> None:
     assert not any(p.requires_grad for p in runner.model.parameters())
     x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
     assert np.array_equal(runner.logits(x), runner.logits(x))  # dropout is off
+    (first,) = runner.features(x, ["2"])  # the ReLU before dropout: its outputs as stored
+    (again,) = runner.features(x, ["3"])  # after dropout: identical in eval mode
+    assert np.array_equal(first, again) and first.shape == (32, 16)
+    assert not runner.model.training and all(p.grad is None for p in runner.model.parameters())
 
 
 def test_kl_to_teacher_known_case() -> None:
