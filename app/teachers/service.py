@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
@@ -71,4 +71,6 @@ def delete_teacher(session: Session, *, store: ArtifactStore, teacher_id: str) -
         raise Conflict(f"Teacher {teacher_id} is used by job {active}, which has not finished.")
     session.delete(teacher)
     session.flush()
-    store.delete_tree(str(Path(teacher.storage_key).parent))
+    # The files go only once the row's deletion is committed: a failed commit keeps both.
+    folder = str(Path(teacher.storage_key).parent)
+    event.listen(session, "after_commit", lambda _: store.delete_tree(folder), once=True)

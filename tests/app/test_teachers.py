@@ -6,9 +6,13 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app import db
+from app.storage import get_store
+from app.teachers import service
 from tests.conftest import TeacherFiles, upload_safetensors_teacher, upload_teacher
 
 
@@ -113,8 +117,17 @@ def test_unknown_teacher_is_404(client: TestClient) -> None:
 
 def test_delete_teacher(client: TestClient, digits_teacher: TeacherFiles) -> None:
     teacher_id = upload_teacher(client, digits_teacher)["id"]
+    with db.session_scope() as session:
+        path = get_store().path(service.get_teacher(session, teacher_id).storage_key)
+    assert path.exists()
+    with pytest.raises(RuntimeError), db.session_scope() as session:
+        service.delete_teacher(session, store=get_store(), teacher_id=teacher_id)
+        raise RuntimeError("the commit fails")
+    assert path.exists()  # rolled back: the row and its file are both still there
+    assert client.get(f"/v1/teachers/{teacher_id}").status_code == 200
     assert client.delete(f"/v1/teachers/{teacher_id}").status_code == 204
     assert client.get(f"/v1/teachers/{teacher_id}").status_code == 404
+    assert not path.exists()
 
 
 def test_huge_config_is_refused_without_allocating(
