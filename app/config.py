@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     max_teacher_bytes: int = 1024 * MIB
     max_dataset_bytes: int = 1024 * MIB
     max_predict_batch: int = 1024
+    teacher_cache_max_bytes: int = Field(
+        default=20 * 1024 * MIB,
+        description="Cached teacher outputs beyond this are evicted, least recently used first.",
+    )
     max_teacher_feature_bytes: int = Field(
         default=4096 * MIB,
         description="Feature methods hold the teacher's hooked outputs for the whole training "

@@ -345,6 +345,7 @@ def _run(
             cache_key(record.sha256, dataset_digest),
             {"train": data.x_train, "test": data.x_test},
             partial(runner.logits, on_batch=reporter.keep_alive),
+            max_bytes=settings.teacher_cache_max_bytes,
         )
         per_teacher.append(teacher_logits)
         cache_hits.append(hit)

@@ -7,6 +7,7 @@ rest of the probability mass is known (see ``compress_top_k``).
 """
 
 import hashlib
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -60,15 +61,19 @@ def cached_teacher_logits(
     key: str,
     splits: dict[str, np.ndarray],
     compute: Callable[[np.ndarray], np.ndarray],
+    max_bytes: int | None = None,
 ) -> tuple[dict[str, np.ndarray], bool]:
-    """The teacher's logits for each named split, and whether they came from the cache."""
+    """The teacher's logits for each named split, and whether they came from the cache. Beyond
+    ``max_bytes`` in all, the least recently used entries are evicted after a write."""
     path = directory / f"{key}.safetensors"
-    if path.exists():
-        try:
-            cached = load_file(str(path))
-            return {name: _read_split(cached, name) for name in splits}, True
-        except KeyError:
-            pass  # written for other splits: compute and replace it
+    try:
+        cached = load_file(str(path))
+        os.utime(path)  # recently used: evicted last
+        return {name: _read_split(cached, name) for name in splits}, True
+    except FileNotFoundError:
+        pass  # never computed, or evicted
+    except KeyError:
+        pass  # written for other splits: compute and replace it
     stored: dict[str, np.ndarray] = {}
     for name, x in splits.items():
         logits = np.ascontiguousarray(compute(x))
@@ -80,8 +85,30 @@ def cached_teacher_logits(
     partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     save_file(stored, str(partial))
     partial.replace(path)  # atomic: two jobs racing write the same content
+    if max_bytes is not None:
+        evict_least_recently_used(directory, max_bytes, keep=path)
     # This job sees exactly what the cache will give later jobs, compressed or not.
     return {name: _read_split(stored, name) for name in splits}, False
+
+
+def evict_least_recently_used(directory: Path, max_bytes: int, keep: Path) -> None:
+    """Delete the least recently used entries (by mtime, refreshed on every hit) until the rest
+    fit in ``max_bytes``; ``keep`` (the entry just written) stays whatever its size. A job that
+    loses an entry this way between its lookup and its read simply computes it again."""
+    entries = []
+    for path in directory.glob("*.safetensors"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue  # evicted by another job meanwhile
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= max_bytes:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size
 
 
 def _read_split(stored: dict[str, np.ndarray], name: str) -> np.ndarray:

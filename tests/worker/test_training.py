@@ -3,6 +3,7 @@ a frozen teacher; the evaluation metrics on known cases."""
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,27 @@ def test_teacher_cache_computes_once(tmp_path: Path) -> None:
     assert hit and calls == [5, 2]
     assert np.array_equal(first["train"], second["train"])
     assert cache_key("teacher-sha", "other") != key
+
+
+def test_teacher_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    splits = {"train": np.zeros((4, 2), np.float32)}
+
+    def compute(x: np.ndarray) -> np.ndarray:
+        return np.ones((len(x), 3), np.float32)
+
+    for key in ("a", "b"):
+        cached_teacher_logits(tmp_path, key, splits, compute)
+    entry = {key: tmp_path / f"{key}.safetensors" for key in "abc"}
+    os.utime(entry["a"], (1000, 1000))
+    os.utime(entry["b"], (2000, 2000))
+    _, hit = cached_teacher_logits(tmp_path, "a", splits, compute)  # a is used again
+    assert hit
+    size = entry["a"].stat().st_size
+    cached_teacher_logits(tmp_path, "c", splits, compute, max_bytes=2 * size)
+    assert entry["a"].exists() and entry["c"].exists() and not entry["b"].exists()
+    _, hit = cached_teacher_logits(tmp_path, "b", splits, compute, max_bytes=size // 2)
+    assert not hit and entry["b"].exists()  # the entry just written stays, whatever its size
+    assert not entry["a"].exists() and not entry["c"].exists()
 
 
 def test_safetensors_teacher_is_frozen_in_eval_mode(tmp_path: Path) -> None:
