@@ -487,10 +487,10 @@ def _run(
         "wall_seconds": time.perf_counter() - started,
     }
     reporter.phase(JobPhase.DONE)  # the last cancel check
-    _finalize(job_id, attempt, artifact_prefix, paths, result)
+    finalize(job_id, attempt, artifact_prefix, paths, result)
 
 
-def _finalize(
+def finalize(
     job_id: str,
     attempt: int,
     prefix: str,
@@ -524,4 +524,9 @@ def _finalize(
                     size_bytes=path.stat().st_size,
                 )
             )
-    get_store().delete_tree(f"checkpoints/{job_id}")
+    store = get_store()
+    store.delete_tree(f"checkpoints/{job_id}")
+    # Exports of earlier attempts (superseded after exporting) belong to nobody now.
+    for folder in store.path(f"artifacts/{job_id}").glob("attempt-*"):
+        if folder.name != Path(prefix).name:
+            store.delete_tree(f"artifacts/{job_id}/{folder.name}")

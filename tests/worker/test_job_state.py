@@ -6,9 +6,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.db import session_scope
-from app.models import Job, JobPhase, JobStatus, utcnow
+from app.models import ArtifactFormat, Job, JobPhase, JobStatus, utcnow
+from app.storage import get_store
 from tests.conftest import TeacherFiles, job_body, upload_teacher
-from worker.pipeline import JobCancelled, JobReporter, JobSuperseded, claim, finish
+from worker.pipeline import (
+    JobCancelled,
+    JobReporter,
+    JobSuperseded,
+    claim,
+    finalize,
+    finish,
+)
 from worker.recovery import recover_stale_jobs
 
 
@@ -60,6 +68,26 @@ def test_a_superseded_attempt_stops_and_writes_nothing(job_id: str) -> None:
     assert not finish(job_id, attempt, JobStatus.FAILED, error={"code": "x", "detail": "x"})
     job = get_job(job_id)
     assert (job.status, job.attempt) == (JobStatus.RUNNING, 2)
+
+
+def test_success_keeps_only_the_winning_attempts_files(job_id: str) -> None:
+    assert claim(job_id, max_attempts=3) == 1
+    set_job(job_id, status=JobStatus.QUEUED)  # requeued after exporting, say
+    assert claim(job_id, max_attempts=3) == 2
+    store = get_store()
+    paths = {}
+    for attempt in (1, 2):
+        path = store.path(f"artifacts/{job_id}/attempt-{attempt}/model.onnx")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"onnx")
+        paths[attempt] = path
+    with pytest.raises(JobSuperseded):
+        finalize(job_id, 1, f"artifacts/{job_id}/attempt-1", {}, {})
+    assert paths[1].exists()  # a superseded attempt deletes nothing
+    prefix = f"artifacts/{job_id}/attempt-2"
+    finalize(job_id, 2, prefix, {ArtifactFormat.ONNX: paths[2]}, {"student_accuracy": 0.9})
+    assert paths[2].exists() and not paths[1].parent.exists()
+    assert get_job(job_id).status == JobStatus.SUCCEEDED
 
 
 def test_cancel_is_seen_at_the_next_phase(client: TestClient, job_id: str) -> None:
