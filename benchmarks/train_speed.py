@@ -66,12 +66,13 @@ def plain_loop(
     y_test: torch.Tensor,
     epochs: int,
     batch_size: int,
+    learning_rate: float,
     seed: int,
 ) -> tuple[float, list[float], float]:
     """The loop as usually written: DataLoader, teacher forward under no_grad at every step."""
     torch.manual_seed(seed)
     student = build_student(STUDENT, (1, 28, 28), 10, fit_inputs=x)
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
     loss_fn = KDLoss(4.0, 0.9)
     loader = DataLoader(
         TensorDataset(x, y),
@@ -114,6 +115,7 @@ def engine(
     data: object,
     epochs: int,
     batch_size: int,
+    learning_rate: float,
     seed: int,
 ) -> tuple[float, list[float], float, bool]:
     """The worker's path: cached teacher outputs, then the engine's loop; best-val student."""
@@ -135,7 +137,9 @@ def engine(
     torch.manual_seed(seed)
     student = build_student(STUDENT, (1, 28, 28), 10, fit_inputs=train_split.x)
     times = EpochTimes()
-    training = Training(epochs=epochs, batch_size=batch_size, learning_rate=1e-3, seed=seed)
+    training = Training(
+        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+    )
     outcome = train(
         student,
         KDLoss(4.0, 0.9),
@@ -156,6 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam, both loops")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher", type=Path, default=ROOT / "examples" / "fashion-mnist_teacher")
@@ -183,7 +188,15 @@ def main() -> None:
 
     rows = []
     plain_total, plain_epochs, plain_acc = plain_loop(
-        torch_teacher_runner.model, x, y, x_test, y_test, args.epochs, args.batch_size, args.seed
+        torch_teacher_runner.model,
+        x,
+        y,
+        x_test,
+        y_test,
+        args.epochs,
+        args.batch_size,
+        args.learning_rate,
+        args.seed,
     )
     rows.append(
         ("plain PyTorch loop (torch teacher every step)", plain_total, plain_epochs, plain_acc)
@@ -195,7 +208,14 @@ def main() -> None:
             ("engine, cached teacher outputs", True),
         ):
             total, epochs, acc, hit = engine(
-                onnx_runner, onnx_sha, Path(cache), data, args.epochs, args.batch_size, args.seed
+                onnx_runner,
+                onnx_sha,
+                Path(cache),
+                data,
+                args.epochs,
+                args.batch_size,
+                args.learning_rate,
+                args.seed,
             )
             assert hit == expect_hit
             rows.append((label, total, epochs, acc))
@@ -207,6 +227,7 @@ def main() -> None:
                 data,
                 args.epochs,
                 args.batch_size,
+                args.learning_rate,
                 args.seed,
             )
             rows.append(
@@ -219,7 +240,8 @@ def main() -> None:
     later = lambda seconds: statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]  # noqa: E731
     print(
         f"\nFashion-MNIST, MLP {STUDENT.hidden_sizes} student, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {n:,} training samples, {args.threads} threads"
+        f"{args.batch_size}, Adam {args.learning_rate:g}, {n:,} training samples, "
+        f"{args.threads} threads"
     )
     print(
         f"measured float32 matmul peak: {peak:.1f} GFLOP/s; student fwd+bwd per epoch: "
