@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -202,34 +203,25 @@ def main() -> None:
         ("plain PyTorch loop (torch teacher every step)", plain_total, plain_epochs, plain_acc)
     )
     with tempfile.TemporaryDirectory() as cache:
+        run_engine = partial(
+            engine,
+            cache_dir=Path(cache),
+            data=data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+        )
         onnx_sha = sha256_file(onnx_path)
         for label, expect_hit in (
             ("engine, uncached (teacher pass included)", False),
             ("engine, cached teacher outputs", True),
         ):
-            total, epochs, acc, hit = engine(
-                onnx_runner,
-                onnx_sha,
-                Path(cache),
-                data,
-                args.epochs,
-                args.batch_size,
-                args.learning_rate,
-                args.seed,
-            )
+            total, epochs, acc, hit = run_engine(onnx_runner, onnx_sha)
             assert hit == expect_hit
             rows.append((label, total, epochs, acc))
         if not args.skip_torch_teacher:
-            total, epochs, acc, _ = engine(
-                torch_teacher_runner,
-                sha256_file(weights),
-                Path(cache),
-                data,
-                args.epochs,
-                args.batch_size,
-                args.learning_rate,
-                args.seed,
-            )
+            total, epochs, acc, _ = run_engine(torch_teacher_runner, sha256_file(weights))
             rows.append(
                 ("engine, uncached, torch teacher instead of onnxruntime", total, epochs, acc)
             )
