@@ -10,9 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN useradd --create-home --uid 10001 distill
 WORKDIR /srv/distill
 
-# torch first, from the chosen index, so the project's `torch>=2.3` is already satisfied.
-RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.3"
-COPY pyproject.toml README.md alembic.ini ./
+# torch first, from the chosen index, so that `pip install .` finds it satisfied; its version
+# requirement is read from pyproject.toml, the one place it is stated.
+COPY pyproject.toml ./
+RUN pip install --index-url "${TORCH_INDEX}" "$(python -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if d.startswith("torch")))')"
+COPY README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations

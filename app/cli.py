@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         migrate()
         return 0
-    from app.datasets.builtin import download_fashion_mnist
+    from app.datasets.builtins import fashion_mnist
 
     target = get_settings().resolved_data_dir / "fashion-mnist"
-    print(f"Downloaded to {download_fashion_mnist(target)}")
+    print(f"Downloaded to {fashion_mnist.download(target)}")
     return 0
 
 

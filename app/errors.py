@@ -1,7 +1,23 @@
-"""Expected errors carry their HTTP status and a machine-readable code; main.py renders them as
-RFC 9457 problem+json (``type``, ``title``, ``status``, ``detail``, plus ``code`` and extras)."""
+"""Expected errors carry their HTTP status and a machine-readable code. ``problem`` builds the one
+RFC 9457 body (``type``, ``title``, ``status``, ``detail``, plus ``code`` and extras) that main.py
+sends as problem+json, for these errors and for the framework's own."""
 
+from http import HTTPStatus
 from typing import Any, ClassVar
+
+
+def problem(
+    status: int, code: str, detail: str, title: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The RFC 9457 body of every error; ``title`` defaults to the HTTP status phrase."""
+    return {
+        "type": f"https://distill.dev/problems/{code}",
+        "title": HTTPStatus(status).phrase if title is None else title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
 
 
 class AppError(Exception):
@@ -15,14 +31,7 @@ class AppError(Exception):
         self.extra = extra
 
     def problem(self) -> dict[str, Any]:
-        return {
-            "type": f"https://distill.dev/problems/{self.code}",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "code": self.code,
-            **self.extra,
-        }
+        return problem(self.status, self.code, self.detail, self.title, **self.extra)
 
 
 class NotFound(AppError):

@@ -1,7 +1,6 @@
 """The HTTP API. Every error leaves as RFC 9457 problem+json."""
 
 import logging
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,7 +12,7 @@ from starlette.exceptions import HTTPException
 from app.config import MIB, get_settings
 from app.datasets.router import router as datasets_router
 from app.db import get_engine
-from app.errors import AppError
+from app.errors import AppError, problem
 from app.jobs.router import router as jobs_router
 from app.serving.router import router as serving_router
 from app.teachers.router import router as teachers_router
@@ -23,15 +22,9 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {
-        "type": f"https://distill.dev/problems/{code}",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-        "code": code,
-        **extra,
-    }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return JSONResponse(
+        problem(status, code, detail, **extra), status_code=status, media_type=PROBLEM_JSON
+    )
 
 
 async def app_error_handler(_request: Request, exc: Exception) -> JSONResponse:

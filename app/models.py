@@ -48,11 +48,6 @@ class Base(DeclarativeBase):
     }
 
 
-class TeacherFormat(StrEnum):
-    ONNX = "onnx"
-    SAFETENSORS = "safetensors"
-
-
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -90,10 +85,9 @@ class Teacher(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     parameter_count: Mapped[int] = mapped_column(BigInteger)
-    input_shape: Mapped[list[int]]
-    num_classes: Mapped[int]
-    input_name: Mapped[str | None] = mapped_column(String(255))
-    output_name: Mapped[str | None] = mapped_column(String(255))
+    # app.ml.signature.ModelSignature as JSON: named inputs, class scores, preprocessing.
+    signature: Mapped[dict[str, Any]]
+    # What the format needs besides the file to open it (a safetensors teacher's config).
     architecture: Mapped[dict[str, Any] | None]
     # What feature methods can hook: [{"name", "shape", "kind"}] (see app.ml.layers).
     feature_layers: Mapped[list[dict[str, Any]] | None]
@@ -108,8 +102,7 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    input_shape: Mapped[list[int]]
-    num_classes: Mapped[int]
+    signature: Mapped[dict[str, Any]]
     train_size: Mapped[int]
     test_size: Mapped[int]
     has_test_split: Mapped[bool]
@@ -138,6 +131,19 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class JobTeacher(Base):
+    """A job's teachers (one, or an ensemble's members) with their normalised weights."""
+
+    __tablename__ = "job_teachers"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(primary_key=True)
+    teacher_id: Mapped[str] = mapped_column(
+        ForeignKey("teachers.id", ondelete="CASCADE"), index=True
+    )
+    weight: Mapped[float]
 
 
 class JobMetric(Base):

@@ -8,12 +8,11 @@ from enum import StrEnum
 from functools import lru_cache
 
 from celery import Celery
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
 from app.errors import BrokerUnavailable
-from app.models import Job, JobPhase, JobStatus, utcnow
+from app.jobs import repository
 
 log = logging.getLogger(__name__)
 PENDING_JOBS = "distill_pending_jobs"
@@ -75,16 +74,7 @@ def send_pending(session: Session) -> None:
             log.exception("queue.send_failed", extra={"job_id": job_id})
             failed.append(job_id)
     if failed:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(failed), Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.FAILED,
-                phase=JobPhase.DONE,
-                finished_at=utcnow(),
-                error={"code": "broker_unavailable", "detail": "The job could not be queued."},
-            )
-        )
+        repository.fail_unqueued(session, failed)
         session.commit()
         raise BrokerUnavailable(
             f"The message broker is unreachable; job(s) {', '.join(failed)} were not queued "

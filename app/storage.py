@@ -1,7 +1,8 @@
 """Where files live: uploads, and the artifacts the worker writes, under one root directory.
 
 In server mode the root is a directory every API and worker host mounts (a shared volume).
-Keys are relative POSIX paths built by Distill itself, never taken from a user.
+Keys are relative POSIX paths built by Distill itself, never taken from a user, and only by the
+functions in ``keys`` below.
 """
 
 import hashlib
@@ -16,6 +17,36 @@ from app.config import get_settings
 from app.errors import PayloadTooLarge
 
 CHUNK = 1 << 20
+
+
+class keys:
+    """Every storage key Distill uses, built in this one place."""
+
+    TEACHER_CACHE = "cache/teacher-outputs"
+
+    @staticmethod
+    def teacher_dir(teacher_id: str) -> str:
+        return f"teachers/{teacher_id}"
+
+    @staticmethod
+    def teacher(teacher_id: str, teacher_format: str) -> str:
+        return f"teachers/{teacher_id}/teacher.{teacher_format}"
+
+    @staticmethod
+    def dataset(dataset_id: str) -> str:
+        return f"datasets/{dataset_id}/data.npz"
+
+    @staticmethod
+    def checkpoints(job_id: str) -> str:
+        return f"checkpoints/{job_id}"
+
+    @staticmethod
+    def checkpoint(job_id: str) -> str:
+        return f"checkpoints/{job_id}/last.safetensors"
+
+    @staticmethod
+    def artifact(job_id: str, attempt: int) -> str:
+        return f"artifacts/{job_id}/attempt-{attempt}"
 
 
 @dataclass(frozen=True)

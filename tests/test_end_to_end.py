@@ -15,15 +15,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.cli import worker_command
-from tests.conftest import (
-    REDIS_URL,
-    Stack,
-    TeacherFiles,
-    job_body,
-    npz_bytes,
-    upload_safetensors_teacher,
-    upload_teacher,
-)
+from tests.helpers.api import job_body, npz_bytes, upload_safetensors_teacher, upload_teacher
+from tests.helpers.stacks import REDIS_URL, Stack
+from tests.helpers.teachers import TeacherFiles
 from worker.data import load_builtin
 
 pytestmark = pytest.mark.e2e
@@ -138,7 +132,11 @@ def test_job_runs_end_to_end(
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == download.headers["x-content-sha256"]
     manifest = client.get(f"/v1/jobs/{job_id}/artifact", params={"format": "manifest"}).json()
-    assert manifest["input_shape"] == [1, 8, 8]
+    assert manifest["format_version"] == 2
+    assert manifest["signature"]["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [1, 8, 8]}
+    ]
+    assert manifest["signature"]["outputs"][0]["classes"] == [str(i) for i in range(10)]
     assert manifest["teachers"] == [
         {"id": teacher["id"], "sha256": teacher["sha256"], "format": "onnx", "weight": 1.0}
     ]

@@ -6,11 +6,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from app.ml.artifacts import FILENAMES, INPUT_NAME, OUTPUT_NAME, Manifest
+from app.ml.artifacts import FILENAMES, Manifest
+from app.ml.onnx_io import export_onnx
+from app.ml.signature import ModelSignature
 from app.models import ArtifactFormat
 from app.storage import sha256_file
 
@@ -27,27 +28,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
-    """One self-contained ONNX file with a dynamic batch dimension."""
-    model = model.cpu().eval()
-    example = torch.zeros(2, *input_shape)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        external_data=False,
-        verbose=False,
-    )
-
-
 def write_artifact(
     directory: Path,
     *,
     model: nn.Module,
-    input_shape: tuple[int, ...],
+    signature: ModelSignature,
     manifest_fields: dict[str, Any],
 ) -> dict[ArtifactFormat, Path]:
     """Write the three files and return them by format; the manifest records the others' sha256."""
@@ -58,13 +43,13 @@ def write_artifact(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(paths[ArtifactFormat.SAFETENSORS]),
     )
-    export_onnx(model, input_shape, paths[ArtifactFormat.ONNX])
+    export_onnx(model, signature, paths[ArtifactFormat.ONNX])
     files = {
         FILENAMES[f]: sha256_file(paths[f])
         for f in (ArtifactFormat.SAFETENSORS, ArtifactFormat.ONNX)
     }
     manifest = Manifest(
-        input_shape=list(input_shape),
+        signature=signature,
         files=files,
         library_versions=library_versions(),
         **manifest_fields,

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.config import get_settings
 from app.db import session_scope
-from app.jobs.service import transition
+from app.jobs.repository import transition
 from app.models import Job, JobPhase, JobStatus, utcnow
 from app.queue import enqueue_after_commit
 

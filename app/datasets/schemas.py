@@ -1,14 +1,19 @@
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+from app.ml.signature import ModelSignature
 
 
 class DatasetOut(BaseModel):
     ref: str
     kind: Literal["builtin", "uploaded"]
     name: str
-    input_shape: list[int]
+    signature: ModelSignature = Field(
+        description="The records' inputs and classes, as a teacher's signature must accept them."
+    )
+    input_shape: list[int] = Field(description="Per-sample shape of the (single) input.")
     num_classes: int
     train_size: int
     test_size: int

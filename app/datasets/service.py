@@ -3,12 +3,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.datasets.builtin import BUILTIN_DATASETS, is_available
+from app.datasets.builtins import BUILTIN_DATASETS, is_available
 from app.datasets.npz import holdout_test_size, read_dataset_npz
 from app.datasets.schemas import DatasetOut
 from app.errors import DatasetUnavailable, InvalidSpec, NotFound
+from app.ml.signature import ModelSignature
 from app.models import Dataset
-from app.storage import ArtifactStore, StoredFile
+from app.storage import ArtifactStore, StoredFile, keys
 
 
 @dataclass(frozen=True)
@@ -16,18 +17,19 @@ class DatasetSummary:
     """What job validation needs to know of a dataset reference."""
 
     ref: str
-    input_shape: tuple[int, ...]
-    num_classes: int
+    signature: ModelSignature
     train_size: int
 
 
 def uploaded_out(dataset: Dataset) -> DatasetOut:
+    signature = ModelSignature.model_validate(dataset.signature)
     return DatasetOut(
         ref=dataset.id,
         kind="uploaded",
         name=dataset.name,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
+        signature=signature,
+        input_shape=list(signature.input_shape),
+        num_classes=signature.num_classes,
         train_size=dataset.train_size,
         test_size=dataset.test_size,
         available=True,
@@ -45,6 +47,7 @@ def list_datasets(session: Session) -> list[DatasetOut]:
             ref=d.ref,
             kind="builtin",
             name=d.description,
+            signature=d.signature,
             input_shape=list(d.input_shape),
             num_classes=d.num_classes,
             train_size=d.train_size,
@@ -75,8 +78,9 @@ def create_dataset(
         name=name,
         sha256=upload.sha256,
         size_bytes=upload.size_bytes,
-        input_shape=list(data.input_shape),
-        num_classes=data.num_classes,
+        signature=ModelSignature.for_tensor(data.input_shape, data.num_classes).model_dump(
+            mode="json"
+        ),
         train_size=train_size,
         test_size=test_size,
         has_test_split=data.x_test is not None,
@@ -85,7 +89,7 @@ def create_dataset(
     )
     session.add(dataset)
     session.flush()
-    dataset.storage_key = f"datasets/{dataset.id}/data.npz"
+    dataset.storage_key = keys.dataset(dataset.id)
     store.adopt(upload.path, dataset.storage_key)
     return dataset
 
@@ -112,8 +116,9 @@ def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
                 "or `distill download fashion-mnist`.",
                 field="dataset",
             )
-        return DatasetSummary(ref, builtin.input_shape, builtin.num_classes, builtin.train_size)
+        return DatasetSummary(ref, builtin.signature, builtin.train_size)
     dataset = session.get(Dataset, ref)
     if dataset is None:
         raise InvalidSpec(f"No dataset with id {ref}.", field="dataset")
-    return DatasetSummary(ref, tuple(dataset.input_shape), dataset.num_classes, dataset.train_size)
+    signature = ModelSignature.model_validate(dataset.signature)
+    return DatasetSummary(ref, signature, dataset.train_size)

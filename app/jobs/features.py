@@ -5,15 +5,12 @@ import math
 
 from app.datasets.service import DatasetSummary
 from app.errors import InvalidSpec
-from app.jobs.schemas import (
-    AttentionTransfer,
-    FeatureMethod,
-    FitNets,
-    LayerPair,
-)
-from app.ml.architectures import CnnSpec, MlpSpec
+from app.jobs.methods import AttentionTransfer, FeatureMethod, FitNets, LayerPair
 from app.ml.layers import FeatureLayer, feature_layers, last_feature_map
-from app.models import Teacher, TeacherFormat
+from app.ml.signature import ModelSignature
+from app.ml.students import StudentSpecBase
+from app.ml.teacher_formats.onnx import ONNX
+from app.models import Teacher
 
 FIELD = "distillation.layers"
 BYTES_PER_VALUE = 4  # the teacher's outputs are held as float32
@@ -67,7 +64,7 @@ def _check_shapes(method: FeatureMethod, teacher: list[int], student: list[int])
 def resolve_layer_pairs(
     method: FeatureMethod,
     teacher: Teacher,
-    student: MlpSpec | CnnSpec,
+    student: StudentSpecBase,
     dataset: DatasetSummary,
     max_teacher_feature_bytes: int,
 ) -> list[LayerPair]:
@@ -81,10 +78,10 @@ def resolve_layer_pairs(
     if not teacher_layers:
         raise InvalidSpec(
             f"Teacher {teacher.id} exposes no intermediate outputs for `{method.method}`. "
-            + (ONNX_HELP if teacher.format == TeacherFormat.ONNX else ""),
+            + (ONNX_HELP if teacher.format == ONNX.name else ""),
             field="teacher",
         )
-    student_layers = feature_layers(student, tuple(teacher.input_shape), teacher.num_classes)
+    student_layers = feature_layers(student, ModelSignature.model_validate(teacher.signature))
     pairs = method.layers or [default_layer_pair(method, teacher_layers, student_layers)]
     by_name = {
         "teacher": {layer.name: layer for layer in teacher_layers},

@@ -1,20 +1,22 @@
-from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.datasets.service import resolve_dataset
 from app.errors import Conflict, InvalidSpec, NotFound
+from app.jobs import repository
 from app.jobs.features import resolve_layer_pairs
-from app.jobs.schemas import DistillationSpec, FeatureMethod, JobOut
-from app.ml.architectures import CnnSpec
-from app.models import Job, JobMetric, JobPhase, JobStatus, Teacher, utcnow
+from app.jobs.methods import FeatureMethod
+from app.jobs.schemas import DistillationSpec, JobOut
+from app.ml.signature import ModelSignature, SignatureMismatch, check_compatible
+from app.ml.students import family_of
+from app.models import Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
 
 
-def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
+def validate_spec(session: Session, spec: DistillationSpec) -> None:
     """Everything that can be checked before queueing, so a mistake is a 422, not a failed job.
 
     Defaults that depend on the models (a feature method's layers) are filled into ``spec``.
@@ -26,31 +28,28 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
         if teacher is None:
             raise InvalidSpec(f"No teacher with id {teacher_id}.", field=field)
         teachers.append(teacher)
-    first = teachers[0]
+    signature = ModelSignature.model_validate(teachers[0].signature)
     for other in teachers[1:]:
-        if (other.input_shape, other.num_classes) != (first.input_shape, first.num_classes):
+        other_signature = ModelSignature.model_validate(other.signature)
+        if (other_signature.inputs, other_signature.num_classes) != (
+            signature.inputs,
+            signature.num_classes,
+        ):
             raise InvalidSpec(
-                f"An ensemble's teachers must share inputs and classes: {first.id} takes "
-                f"{first.input_shape} with {first.num_classes} classes, {other.id} "
-                f"{other.input_shape} with {other.num_classes}.",
+                f"An ensemble's teachers must share inputs and classes: {teachers[0].id} takes "
+                f"{signature.describe_inputs()} with {signature.num_classes} classes, {other.id} "
+                f"{other_signature.describe_inputs()} with {other_signature.num_classes}.",
                 field=field,
             )
     dataset = resolve_dataset(session, spec.dataset)
-    if list(dataset.input_shape) != list(first.input_shape):
+    try:
+        check_compatible(signature, dataset.signature, field="dataset")
+    except SignatureMismatch as e:
+        raise InvalidSpec(e.detail, field=e.field) from e
+    reason = family_of(spec.student).accepts(signature)
+    if reason is not None:
         raise InvalidSpec(
-            f"The dataset's samples are shaped {list(dataset.input_shape)} but the teacher takes "
-            f"{first.input_shape}.",
-            field="dataset",
-        )
-    if dataset.num_classes > first.num_classes:
-        raise InvalidSpec(
-            f"The dataset has {dataset.num_classes} classes but the teacher outputs only "
-            f"{first.num_classes} logits.",
-            field="dataset",
-        )
-    if isinstance(spec.student, CnnSpec) and len(first.input_shape) != 3:
-        raise InvalidSpec(
-            f"A cnn student needs image inputs [C, H, W]; these are {first.input_shape}.",
+            f"A {spec.student.architecture} student cannot take this teacher's inputs: {reason}.",
             field="student.architecture",
         )
     if isinstance(spec.distillation, FeatureMethod):
@@ -62,23 +61,21 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
             )
         spec.distillation.layers = resolve_layer_pairs(
             spec.distillation,
-            first,
+            teachers[0],
             spec.student,
             dataset,
             get_settings().max_teacher_feature_bytes,
         )
-    return teachers
 
 
 def create_job(session: Session, spec: DistillationSpec) -> Job:
-    teachers = validate_spec(session, spec)
-    job = Job(
+    validate_spec(session, spec)
+    job = repository.add_job(
+        session,
         spec=spec.model_dump(mode="json", exclude_none=True),
-        teacher_id=teachers[0].id,
         dataset_ref=spec.dataset,
+        teachers=spec.teacher_weights,
     )
-    session.add(job)
-    session.flush()
     enqueue_after_commit(session, job.id)
     return job
 
@@ -158,41 +155,10 @@ def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
     )
 
 
-def transition(
-    session: Session,
-    job_id: str,
-    from_statuses: Iterable[JobStatus],
-    *conditions: ColumnElement[bool],
-    **values: Any,
-) -> bool:
-    """Compare-and-set on the job's status (and any further conditions): True if this caller
-    made the change."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(list(from_statuses)), *conditions)
-        .values(**values)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
 def cancel_job(session: Session, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop at its next check."""
     job = get_job(session, job_id)
-    changed = transition(
-        session,
-        job_id,
-        [JobStatus.QUEUED],
-        status=JobStatus.CANCELLED,
-        phase=JobPhase.DONE,
-        cancel_requested=True,
-        finished_at=utcnow(),
-    ) or transition(
-        session,
-        job_id,
-        [JobStatus.RUNNING, JobStatus.CANCELLING],
-        status=JobStatus.CANCELLING,
-        cancel_requested=True,
-    )
+    changed = repository.request_cancel(session, job_id)
     if not changed:
         raise Conflict(f"Job {job_id} has already finished ({job.status}).", job_status=job.status)
     session.refresh(job)

@@ -4,12 +4,13 @@
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, model_validator
 
-from app.ml.architectures import CnnSpec, MlpSpec, ModelSpec
+from app.ml.signature import ModelSignature
+from app.ml.students import StudentSpecBase, parse_spec
 from app.models import ArtifactFormat
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILENAMES = {
     ArtifactFormat.MANIFEST: "manifest.json",
     ArtifactFormat.SAFETENSORS: "model.safetensors",
@@ -21,26 +22,49 @@ MEDIA_TYPES = {
     ArtifactFormat.ONNX: "application/octet-stream",
 }
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-_student_adapter: TypeAdapter[MlpSpec | CnnSpec] = TypeAdapter(ModelSpec)
 
 
 class Manifest(BaseModel):
+    """Version 2: the student's ``signature`` (named inputs, class names) replaces version 1's
+    ``input_shape``, ``input_name``, ``output_name`` and ``classes``; version 1 manifests are
+    read by converting them."""
+
     format_version: int = FORMAT_VERSION
     job_id: str
     student: dict[str, Any]
-    input_shape: list[int]
-    input_name: str = INPUT_NAME
-    output_name: str = OUTPUT_NAME
-    classes: list[str]
+    signature: ModelSignature
     metrics: dict[str, Any]
     teachers: list[dict[str, Any]]
     dataset: dict[str, Any]
     files: dict[str, str]
     library_versions: dict[str, str]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_version_1(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format_version") == 1:
+            data = dict(data)
+            classes = data.pop("classes")
+            data["signature"] = ModelSignature.for_tensor(
+                data.pop("input_shape"),
+                len(classes),
+                input_name=data.pop("input_name", INPUT_NAME),
+                output_name=data.pop("output_name", OUTPUT_NAME),
+                classes=classes,
+            )
+        return data
+
     @property
-    def student_spec(self) -> MlpSpec | CnnSpec:
-        return _student_adapter.validate_python(self.student)
+    def student_spec(self) -> StudentSpecBase:
+        return parse_spec(self.student)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.signature.class_names
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.signature.input_shape)
 
 
 def read_manifest(directory: Path) -> Manifest:

@@ -10,7 +10,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from app.ml.architectures import CnnSpec, MlpSpec, build_model
+from app.ml.signature import ModelSignature
+from app.ml.students import StudentSpecBase, build_model
 
 
 class FeatureLayer(BaseModel):
@@ -19,13 +20,11 @@ class FeatureLayer(BaseModel):
     kind: str | None = Field(default=None, description="The module's class, e.g. `MaxPool2d`.")
 
 
-def feature_layers(
-    spec: MlpSpec | CnnSpec, input_shape: tuple[int, ...], num_classes: int
-) -> list[FeatureLayer]:
+def feature_layers(spec: StudentSpecBase, signature: ModelSignature) -> list[FeatureLayer]:
     """Every layer's output shape (per sample) in the order the forward pass produces them,
     except the last (the logits). Names are paths for ``build_model(...).get_submodule``."""
     with torch.device("meta"):
-        model = build_model(spec, input_shape, num_classes)
+        model = build_model(spec, signature)
     layers: dict[str, FeatureLayer] = {}
 
     def record(name: str) -> Any:
@@ -44,7 +43,7 @@ def feature_layers(
     ]
     try:
         with torch.no_grad():
-            model(torch.empty(1, *input_shape, device="meta"))
+            model(torch.empty(1, *signature.input_shape, device="meta"))
     finally:
         for handle in handles:
             handle.remove()

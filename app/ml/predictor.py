@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from app.ml.architectures import build_student
 from app.ml.artifacts import FILENAMES, Manifest, read_manifest
+from app.ml.students import build_student
 from app.models import ArtifactFormat
 
 
@@ -30,6 +30,6 @@ class Predictor:
 @lru_cache(maxsize=16)
 def load_predictor(directory: Path) -> Predictor:
     manifest = read_manifest(directory)
-    model = build_student(manifest.student_spec, tuple(manifest.input_shape), len(manifest.classes))
+    model = build_student(manifest.student_spec, manifest.signature)
     model.load_state_dict(load_file(str(directory / FILENAMES[ArtifactFormat.SAFETENSORS])))
     return Predictor(manifest, model.eval())

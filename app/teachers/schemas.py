@@ -1,9 +1,10 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from app.ml.layers import FeatureLayer
+from app.ml.signature import ModelSignature
 
 
 class TeacherOut(BaseModel):
@@ -15,10 +16,9 @@ class TeacherOut(BaseModel):
     sha256: str
     size_bytes: int
     parameter_count: int
-    input_shape: list[int]
-    num_classes: int
-    input_name: str | None
-    output_name: str | None
+    signature: ModelSignature = Field(
+        description="Named inputs (datatype, per-sample shape), class scores, preprocessing."
+    )
     architecture: dict[str, Any] | None
     feature_layers: list[FeatureLayer] | None = Field(
         description="Layers feature methods (`fitnets`, `at`, `sp`, `rkd`) can match, in forward "
@@ -26,6 +26,16 @@ class TeacherOut(BaseModel):
         "they were listed: upload again to use feature methods."
     )
     created_at: datetime
+
+    @computed_field(description="Per-sample input shape (single-input models).")  # type: ignore[prop-decorator]
+    @property
+    def input_shape(self) -> list[Any] | None:
+        return list(self.signature.inputs[0].shape) if len(self.signature.inputs) == 1 else None
+
+    @computed_field(description="The number of class scores.")  # type: ignore[prop-decorator]
+    @property
+    def num_classes(self) -> int:
+        return self.signature.num_classes
 
 
 class TeacherList(BaseModel):

@@ -1,12 +1,10 @@
-from pathlib import Path
-
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
-from app.models import TERMINAL_STATUSES, Job, Teacher
-from app.storage import ArtifactStore, StoredFile
-from app.teachers.inspection import inspect_teacher
+from app.ml.teacher_formats import inspect_teacher
+from app.models import TERMINAL_STATUSES, Job, JobTeacher, Teacher
+from app.storage import ArtifactStore, StoredFile, keys
 
 
 def create_teacher(
@@ -30,17 +28,14 @@ def create_teacher(
         sha256=upload.sha256,
         size_bytes=upload.size_bytes,
         parameter_count=info.parameter_count,
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        input_name=info.input_name,
-        output_name=info.output_name,
+        signature=info.signature.model_dump(mode="json"),
         architecture=info.architecture,
         feature_layers=[layer.model_dump() for layer in info.feature_layers],
         storage_key="",
     )
     session.add(teacher)
     session.flush()
-    teacher.storage_key = f"teachers/{teacher.id}/teacher.{info.format}"
+    teacher.storage_key = keys.teacher(teacher.id, info.format)
     store.adopt(upload.path, teacher.storage_key)
     return teacher
 
@@ -58,19 +53,16 @@ def list_teachers(session: Session) -> list[Teacher]:
 
 def delete_teacher(session: Session, *, store: ArtifactStore, teacher_id: str) -> None:
     teacher = get_teacher(session, teacher_id)
-    unfinished = session.scalars(select(Job).where(Job.status.not_in(TERMINAL_STATUSES)))
-    active = next(
-        (
-            job.id
-            for job in unfinished
-            if teacher_id in {job.teacher_id, *(t["id"] for t in job.spec.get("teachers", []))}
-        ),
-        None,
+    active = session.scalar(
+        select(JobTeacher.job_id)
+        .join(Job, Job.id == JobTeacher.job_id)
+        .where(JobTeacher.teacher_id == teacher_id, Job.status.not_in(TERMINAL_STATUSES))
+        .limit(1)
     )
     if active is not None:
         raise Conflict(f"Teacher {teacher_id} is used by job {active}, which has not finished.")
     session.delete(teacher)
     session.flush()
     # The files go only once the row's deletion is committed: a failed commit keeps both.
-    folder = str(Path(teacher.storage_key).parent)
+    folder = keys.teacher_dir(teacher_id)
     event.listen(session, "after_commit", lambda _: store.delete_tree(folder), once=True)

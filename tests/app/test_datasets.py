@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import config
-from tests.conftest import npz_bytes
+from tests.helpers.api import npz_bytes
 
 
 def post_npz(client: TestClient, data: bytes) -> dict[str, object]:

@@ -9,10 +9,12 @@ from fastapi.testclient import TestClient
 from app.datasets.service import DatasetSummary
 from app.errors import InvalidSpec
 from app.jobs.features import resolve_layer_pairs
-from app.jobs.schemas import SimilarityPreserving
-from app.ml.architectures import CnnSpec
+from app.jobs.methods import SimilarityPreserving
+from app.ml.signature import ModelSignature
+from app.ml.students import CnnSpec
 from app.models import Teacher
-from tests.conftest import TeacherFiles, job_body, upload_safetensors_teacher, upload_teacher
+from tests.helpers.api import job_body, upload_safetensors_teacher, upload_teacher
+from tests.helpers.teachers import TeacherFiles
 
 CNN_STUDENT = {"architecture": "cnn", "channels": [8]}
 
@@ -20,6 +22,9 @@ CNN_STUDENT = {"architecture": "cnn", "channels": [8]}
 @pytest.fixture
 def cnn_teacher(client: TestClient, digits_cnn_teacher: TeacherFiles) -> dict[str, Any]:
     return upload_safetensors_teacher(client, digits_cnn_teacher)
+
+
+DIGITS = ModelSignature.for_tensor((1, 8, 8), 10)
 
 
 def submit(client: TestClient, teacher_id: object, method: dict[str, object], **body: Any) -> Any:
@@ -157,11 +162,10 @@ def test_teacher_outputs_beyond_the_memory_budget_are_refused() -> None:
     teacher = Teacher(
         id="t",
         format="onnx",
-        input_shape=[1, 8, 8],
-        num_classes=10,
+        signature=DIGITS.model_dump(mode="json"),
         feature_layers=[{"name": "features", "shape": [16, 4, 4]}],
     )
-    dataset = DatasetSummary("builtin:digits", (1, 8, 8), 10, train_size=1000)
+    dataset = DatasetSummary("builtin:digits", DIGITS, train_size=1000)
     method, student = SimilarityPreserving(method="sp"), CnnSpec(channels=[8])
     needed = 1000 * 16 * 4 * 4 * 4  # samples x values x float32 bytes
     assert resolve_layer_pairs(method, teacher, student, dataset, needed)[0].teacher == "features"
@@ -170,8 +174,8 @@ def test_teacher_outputs_beyond_the_memory_budget_are_refused() -> None:
 
 
 def test_teachers_from_before_layer_listing_are_told_to_upload_again() -> None:
-    teacher = Teacher(id="t", format="onnx", input_shape=[1, 8, 8], num_classes=10)
-    dataset = DatasetSummary("builtin:digits", (1, 8, 8), 10, train_size=1000)
+    teacher = Teacher(id="t", format="onnx", signature=DIGITS.model_dump(mode="json"))
+    dataset = DatasetSummary("builtin:digits", DIGITS, train_size=1000)
     with pytest.raises(InvalidSpec, match="upload it again"):
         resolve_layer_pairs(
             SimilarityPreserving(method="sp"), teacher, CnnSpec(channels=[8]), dataset, 2**30

@@ -8,8 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from app.ml.architectures import MlpSpec, build_model
-from tests.conftest import TeacherFiles, job_body, npz_bytes, upload_teacher
+from app.ml.signature import ModelSignature
+from app.ml.students import MlpSpec, build_model
+from tests.helpers.api import job_body, npz_bytes, upload_teacher
+from tests.helpers.teachers import TeacherFiles
 
 
 @pytest.fixture
@@ -192,7 +194,7 @@ def test_ensemble_teachers_must_agree(
     client: TestClient, digits_teacher: TeacherFiles, tmp_path: Path
 ) -> None:
     first = upload_teacher(client, digits_teacher)["id"]
-    five_classes = build_model(MlpSpec(hidden_sizes=[4]), (1, 8, 8), 5)
+    five_classes = build_model(MlpSpec(hidden_sizes=[4]), ModelSignature.for_tensor((1, 8, 8), 5))
     save_file(five_classes.state_dict(), str(tmp_path / "five.safetensors"))
     config = {
         "architecture": {"architecture": "mlp", "hidden_sizes": [4]},

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from app import db
 from app.storage import get_store
 from app.teachers import service
-from tests.conftest import TeacherFiles, upload_safetensors_teacher, upload_teacher
+from tests.helpers.api import upload_safetensors_teacher, upload_teacher
+from tests.helpers.teachers import TeacherFiles
 
 
 class WritesAFileWhenUnpickled:

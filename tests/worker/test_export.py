@@ -1,13 +1,15 @@
 """The artifact round trip: what the worker writes, serving rebuilds and predicts identically."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from app.ml.architectures import CnnSpec, MlpSpec, build_student
 from app.ml.predictor import load_predictor
+from app.ml.signature import ModelSignature
+from app.ml.students import CnnSpec, MlpSpec, build_student
 from app.models import ArtifactFormat
 from app.storage import sha256_file
 from worker.export import write_artifact
@@ -16,7 +18,8 @@ from worker.export import write_artifact
 def round_trip(spec: MlpSpec | CnnSpec, tmp_path: Path, channels_last: bool) -> None:
     x = torch.rand(16, 1, 8, 8)
     torch.manual_seed(0)
-    student = build_student(spec, (1, 8, 8), 10, fit_inputs=x)
+    signature = ModelSignature.for_tensor((1, 8, 8), 10, classes=[str(i) for i in range(10)])
+    student = build_student(spec, signature, fit_inputs=x)
     if channels_last:
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     with torch.no_grad():
@@ -24,11 +27,10 @@ def round_trip(spec: MlpSpec | CnnSpec, tmp_path: Path, channels_last: bool) -> 
     paths = write_artifact(
         tmp_path,
         model=student,
-        input_shape=(1, 8, 8),
+        signature=signature,
         manifest_fields={
             "job_id": "j",
             "student": spec.model_dump(mode="json"),
-            "classes": [str(i) for i in range(10)],
             "metrics": {},
             "teachers": [],
             "dataset": {"ref": "builtin:digits", "sha256": "d"},
@@ -56,3 +58,25 @@ def test_mlp_student_round_trip(tmp_path: Path) -> None:
 
 def test_channels_last_cnn_student_round_trip(tmp_path: Path) -> None:
     round_trip(CnnSpec(channels=[4, 8], hidden_sizes=[16]), tmp_path, channels_last=True)
+
+
+def test_version_1_manifests_are_still_served(tmp_path: Path) -> None:
+    """Artifacts written before signatures keep working: their manifest is converted on read."""
+    round_trip(MlpSpec(hidden_sizes=[16]), tmp_path, channels_last=False)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    signature = manifest.pop("signature")
+    manifest |= {
+        "format_version": 1,
+        "input_shape": [1, 8, 8],
+        "input_name": "input",
+        "output_name": "logits",
+        "classes": signature["outputs"][0]["classes"],
+    }
+    path.write_text(json.dumps(manifest))
+    load_predictor.cache_clear()
+    predictor = load_predictor(tmp_path)
+    assert predictor.manifest.signature == ModelSignature.model_validate(signature)
+    assert predictor.manifest.input_shape == [1, 8, 8]
+    predictions, _ = predictor.predict(np.zeros((2, 1, 8, 8), np.float32))
+    assert predictions.shape == (2,)

@@ -1,28 +1,31 @@
 """Feature methods in the loop: hooks, teacher outputs from either format, adapters trained with
 the student and restored on resume."""
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from app.jobs.methods import FitNets
 from app.jobs.schemas import Training
-from app.ml.architectures import CnnSpec, build_model, build_student
-from tests.conftest import TeacherFiles
-from tests.worker.test_training import Recorder
+from app.ml.hooks import FeatureTap
+from app.ml.signature import ModelSignature
+from app.ml.students import CnnSpec, build_model, build_student
+from app.ml.teacher_formats import FORMATS
+from app.ml.teacher_formats.safetensors import TorchTeacher
+from tests.helpers.teachers import TeacherFiles
+from tests.helpers.training import Recorder
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.data import load_builtin
-from worker.features import FeatureTap
-from worker.losses import build_feature_loss
-from worker.teachers import TeacherRunner
-from worker.training.loop import LoopState, Split, train
+from worker.losses import build_loss
+from worker.training.loop import Batch, LoopState, train
 
 IMAGE = (1, 8, 8)
+SIGNATURE = ModelSignature.for_tensor(IMAGE, 3)
 
 
 def test_tap_returns_the_named_outputs_and_keeps_nothing_after() -> None:
-    model = build_model(CnnSpec(channels=[4], hidden_sizes=[6]), IMAGE, 3).eval()
+    model = build_model(CnnSpec(channels=[4], hidden_sizes=[6]), SIGNATURE).eval()
     x = torch.randn(5, *IMAGE)
     tap = FeatureTap(model, ["3", "6", "3"])
     logits, (pooled, hidden, again) = tap(x)
@@ -37,37 +40,38 @@ def test_tap_returns_the_named_outputs_and_keeps_nothing_after() -> None:
 def test_onnx_extra_outputs_equal_the_hooked_torch_layer(digits_cnn_teacher: TeacherFiles) -> None:
     x = load_builtin("builtin:digits").x_train[:100]
     cpu = torch.device("cpu")
-    onnx = TeacherRunner(digits_cnn_teacher.onnx, "onnx", None, cpu)
-    torch_twin = TeacherRunner(
-        digits_cnn_teacher.safetensors, "safetensors", digits_cnn_teacher.config, cpu
+    signature = ModelSignature.for_tensor(IMAGE, 10)
+    onnx = FORMATS["onnx"].open(digits_cnn_teacher.onnx, signature, None, cpu)
+    torch_twin = FORMATS["safetensors"].open(
+        digits_cnn_teacher.safetensors, signature, digits_cnn_teacher.config, cpu
     )
     (from_onnx,) = onnx.features(x, ["features"], batch_size=32)
     (from_torch,) = torch_twin.features(x, ["3"], batch_size=32)
     assert from_onnx.shape == (100, 16, 4, 4) and from_onnx.dtype == np.float32
     np.testing.assert_allclose(from_onnx, from_torch, atol=1e-5)
-    assert torch_twin.model is not None and not torch_twin.model.training
+    assert isinstance(torch_twin, TorchTeacher) and not torch_twin.model.training
     assert not any(m._forward_hooks for m in torch_twin.model.modules())  # tap removed
 
 
-def feature_splits() -> tuple[Split, Split]:
+def feature_splits() -> tuple[Batch, Batch]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(120, *IMAGE, generator=generator)
     torch.manual_seed(1)
-    teacher = build_model(CnnSpec(channels=[4]), IMAGE, 3).eval()
+    teacher = build_model(CnnSpec(channels=[4]), SIGNATURE).eval()
     with torch.no_grad():
         logits, (maps,) = FeatureTap(teacher, ["3"])(x)
     y = logits.argmax(-1)
     return (
-        Split(x[:96], y[:96], logits[:96], (maps[:96],)),
-        Split(x[96:], y[96:], logits[96:]),
+        Batch({"input": x[:96]}, y[:96], logits[:96], (maps[:96],)),
+        Batch({"input": x[96:]}, y[96:], logits[96:]),
     )
 
 
 def fresh_student_and_loss() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    student = build_student(CnnSpec(channels=[2]), IMAGE, 3)
-    loss = build_feature_loss(
-        "fitnets", [((2, 4, 4), (4, 4, 4))], temperature=4.0, alpha=0.5, weight=1.0
+    student = build_student(CnnSpec(channels=[2]), SIGNATURE)
+    loss = build_loss(
+        FitNets(method="fitnets", temperature=4.0, alpha=0.5, weight=1.0), [((2, 4, 4), (4, 4, 4))]
     )
     return student, loss
 
@@ -85,11 +89,11 @@ def fitnets_run(
         val_split,
         training,
         recorder,
-        lambda: False,
-        lambda state: (checkpoints if checkpoints is not None else []).append(copy.deepcopy(state)),
         resume=resume,
         student_tap=FeatureTap(student, ["3"], root=student[1]),
     )
+    if checkpoints is not None:
+        checkpoints += recorder.checkpoints
     return student, loss, recorder
 
 

@@ -7,16 +7,12 @@ from fastapi.testclient import TestClient
 
 from app.db import session_scope
 from app.models import ArtifactFormat, Job, JobPhase, JobStatus, utcnow
-from app.storage import get_store
-from tests.conftest import TeacherFiles, job_body, upload_teacher
-from worker.pipeline import (
-    JobCancelled,
-    JobReporter,
-    JobSuperseded,
-    claim,
-    finalize,
-    finish,
-)
+from app.storage import get_store, keys
+from tests.helpers.api import job_body, upload_teacher
+from tests.helpers.teachers import TeacherFiles
+from worker.attempt import Attempt, JobSuperseded
+from worker.pipeline import claim, finalize, finish
+from worker.recipe import Cancelled
 from worker.recovery import recover_stale_jobs
 
 
@@ -56,7 +52,7 @@ def test_claim_respects_the_attempt_cap(job_id: str) -> None:
 def test_a_superseded_attempt_stops_and_writes_nothing(job_id: str) -> None:
     attempt = claim(job_id, max_attempts=3)
     assert attempt == 1
-    reporter = JobReporter(job_id, attempt, interval_s=0.0)
+    reporter = Attempt(job_id, attempt, interval_s=0.0)
     reporter.progress(0.5)
     # The job is requeued and claimed again by another worker.
     set_job(job_id, status=JobStatus.QUEUED)
@@ -77,15 +73,14 @@ def test_success_keeps_only_the_winning_attempts_files(job_id: str) -> None:
     store = get_store()
     paths = {}
     for attempt in (1, 2):
-        path = store.path(f"artifacts/{job_id}/attempt-{attempt}/model.onnx")
+        path = store.path(f"{keys.artifact(job_id, attempt)}/model.onnx")
         path.parent.mkdir(parents=True)
         path.write_bytes(b"onnx")
         paths[attempt] = path
     with pytest.raises(JobSuperseded):
-        finalize(job_id, 1, f"artifacts/{job_id}/attempt-1", {}, {})
+        finalize(job_id, 1, {}, {})
     assert paths[1].exists()  # a superseded attempt deletes nothing
-    prefix = f"artifacts/{job_id}/attempt-2"
-    finalize(job_id, 2, prefix, {ArtifactFormat.ONNX: paths[2]}, {"student_accuracy": 0.9})
+    finalize(job_id, 2, {ArtifactFormat.ONNX: paths[2]}, {"student_accuracy": 0.9})
     assert paths[2].exists() and not paths[1].parent.exists()
     assert get_job(job_id).status == JobStatus.SUCCEEDED
 
@@ -93,9 +88,9 @@ def test_success_keeps_only_the_winning_attempts_files(job_id: str) -> None:
 def test_cancel_is_seen_at_the_next_phase(client: TestClient, job_id: str) -> None:
     attempt = claim(job_id, max_attempts=3)
     assert attempt is not None
-    reporter = JobReporter(job_id, attempt, interval_s=0.0)
+    reporter = Attempt(job_id, attempt, interval_s=0.0)
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
-    with pytest.raises(JobCancelled):
+    with pytest.raises(Cancelled):
         reporter.phase(JobPhase.TRAINING)
     assert reporter.should_stop()
 

@@ -1,7 +1,6 @@
 """The loop on tiny data: schedules, early stopping, checkpoints, exact resume; the teacher cache;
 a frozen teacher; the evaluation metrics on known cases."""
 
-import copy
 import math
 import os
 from pathlib import Path
@@ -12,39 +11,36 @@ import torch
 from safetensors.torch import save_file
 
 from app.jobs.schemas import Training
-from app.ml.architectures import MlpSpec, build_model, build_student
+from app.ml.signature import ModelSignature
+from app.ml.students import MlpSpec, build_model, build_student
+from app.ml.teacher_formats import FORMATS
+from app.ml.teacher_formats.safetensors import TorchTeacher
+from tests.helpers.training import Recorder
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import expected_calibration_error, kl_to_teacher, per_class_accuracy
 from worker.losses import KDLoss
 from worker.teacher_cache import cache_key, cached_teacher_logits, compress_top_k, expand_top_k
-from worker.teachers import TeacherRunner, ensemble_logits
-from worker.training.loop import LoopState, Split, learning_rate, train
+from worker.teachers import ensemble_logits
+from worker.training.loop import Batch, LoopState, learning_rate, train
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, dict[str, float]]] = []
-
-    def progress(self, fraction: float) -> None:
-        assert 0.0 < fraction <= 1.0
-
-    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
-        self.epochs.append((epoch, values))
+def batch(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> Batch:
+    return Batch(inputs={"input": x}, labels=y, teacher_logits=logits)
 
 
-def splits() -> tuple[Split, Split]:
+def splits() -> tuple[Batch, Batch]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=generator)
     teacher = torch.nn.Linear(6, 3)
     with torch.no_grad():
         logits = teacher(x)
     y = logits.argmax(-1)
-    return Split(x[:160], y[:160], logits[:160]), Split(x[160:], y[160:], logits[160:])
+    return batch(x[:160], y[:160], logits[:160]), batch(x[160:], y[160:], logits[160:])
 
 
 def student() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_student(MlpSpec(hidden_sizes=[8]), (6,), 3)
+    return build_student(MlpSpec(hidden_sizes=[8]), ModelSignature.for_tensor((6,), 3))
 
 
 def run(
@@ -59,10 +55,10 @@ def run(
         val_split,
         training,
         recorder,
-        lambda: False,
-        lambda state: (checkpoints if checkpoints is not None else []).append(copy.deepcopy(state)),
         resume=resume,
     )
+    if checkpoints is not None:
+        checkpoints += recorder.checkpoints
     return model, recorder, outcome.state
 
 
@@ -181,11 +177,14 @@ def test_teacher_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
 
 def test_safetensors_teacher_is_frozen_in_eval_mode(tmp_path: Path) -> None:
     spec = MlpSpec(hidden_sizes=[16], dropout=0.5)
-    model = build_model(spec, (4,), 3)
+    signature = ModelSignature.for_tensor((4,), 3)
+    model = build_model(spec, signature)
     save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
     config = {"architecture": spec.model_dump(), "input_shape": [4], "num_classes": 3}
-    runner = TeacherRunner(tmp_path / "t.safetensors", "safetensors", config, torch.device("cpu"))
-    assert runner.model is not None and not runner.model.training
+    runner = FORMATS["safetensors"].open(
+        tmp_path / "t.safetensors", signature, config, torch.device("cpu")
+    )
+    assert isinstance(runner, TorchTeacher) and not runner.model.training
     assert not any(p.requires_grad for p in runner.model.parameters())
     x = np.random.default_rng(0).random((32, 4), dtype=np.float32)
     assert np.array_equal(runner.logits(x), runner.logits(x))  # dropout is off

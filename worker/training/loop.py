@@ -1,12 +1,11 @@
-"""The distillation loop: pure torch, no database. It reports through a MetricSink, asks
-``should_stop`` between steps, and hands a checkpoint to ``save_checkpoint`` after every epoch, so
-the pipeline decides what progress, cancel and persistence mean."""
+"""The distillation loop: pure torch, no database. It reports through its ``Callbacks`` (progress,
+per-epoch metrics), asks them ``should_stop`` between steps and hands them a checkpoint after every
+epoch, so the caller decides what progress, cancel and persistence mean."""
 
 import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,28 +13,56 @@ import torch
 from torch import nn
 
 from app.jobs.schemas import Training
+from app.ml.hooks import FeatureTap
 from worker.evaluation import logit_metrics
-from worker.features import FeatureTap
 
 
-class MetricSink(Protocol):
-    def progress(self, fraction: float) -> None: ...
+class Callbacks(Protocol):
+    def progress(self, fraction: float) -> None:
+        """After every step: the fraction of all steps done."""
 
-    def epoch_end(self, epoch: int, values: dict[str, float]) -> None: ...
+    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        """After every epoch: its training terms and validation metrics."""
+
+    def should_stop(self) -> bool:
+        """Asked before every step: stop now (a cancel)."""
+
+    def save_checkpoint(self, state: "LoopState") -> None:
+        """After every epoch: what a resumed run continues from."""
 
 
 @dataclass(frozen=True)
-class Split:
-    """Inputs, labels and the teacher's logits (and, for feature methods, its hooked outputs)
-    for the same samples, already on the device."""
+class Batch:
+    """Samples as the loop sees them, already on the device: the named inputs (in the
+    signature's order), labels ``[N]``, an optional padding ``mask`` (token methods), the
+    teacher's logits ``[N, classes]`` and, for feature methods, its hooked outputs ``[N, ...]``.
 
-    x: torch.Tensor
-    y: torch.Tensor
+    A whole split is one ``Batch``; indexing it with sample indices gives a mini-batch.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
     teacher_logits: torch.Tensor
     teacher_features: tuple[torch.Tensor, ...] = ()
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.labels)
+
+    def __getitem__(self, idx: torch.Tensor) -> "Batch":
+        return Batch(
+            inputs={name: x[idx] for name, x in self.inputs.items()},
+            labels=self.labels[idx],
+            teacher_logits=self.teacher_logits[idx],
+            teacher_features=tuple(f[idx] for f in self.teacher_features),
+            mask=None if self.mask is None else self.mask[idx],
+        )
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The single input of a one-input signature."""
+        (x,) = self.inputs.values()
+        return x
 
 
 @dataclass
@@ -92,12 +119,11 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) ->
 def train(
     student: nn.Module,
     loss_fn: nn.Module,
-    train_split: Split,
-    val_split: Split,
+    train_split: Batch,
+    val_split: Batch,
     training: Training,
-    sink: MetricSink,
-    should_stop: Callable[[], bool],
-    save_checkpoint: Callable[[LoopState], None],
+    callbacks: Callbacks,
+    *,
     resume: LoopState | None = None,
     autocast_dtype: torch.dtype | None = None,
     student_tap: FeatureTap | None = None,
@@ -105,7 +131,7 @@ def train(
     """Minimise ``loss_fn(student_logits, teacher_logits, labels)``; with a ``student_tap``
     (feature methods), ``loss_fn(..., student_features, teacher_features)``, training the loss's
     own parameters (adapters) with the student."""
-    device = train_split.x.device
+    device = train_split.labels.device
     parameters = [*student.parameters(), *loss_fn.parameters()]
     optimizer = make_optimizer(parameters, training)
     # The compiled module shares the student's parameters; state is read from `student` itself.
@@ -122,7 +148,9 @@ def train(
     n = len(train_split)
     steps_per_epoch = math.ceil(n / training.batch_size)
     total_steps = training.epochs * steps_per_epoch
-    teacher_val = logit_metrics(val_split.teacher_logits, val_split.teacher_logits, val_split.y)
+    teacher_val = logit_metrics(
+        val_split.teacher_logits, val_split.teacher_logits, val_split.labels
+    )
 
     autocast = (
         contextlib.nullcontext()
@@ -140,21 +168,23 @@ def train(
         totals: torch.Tensor | None = None
         term_names: list[str] = []
         for step in range(steps_per_epoch):
-            if should_stop():
+            if callbacks.should_stop():
                 return LoopOutcome(state, stopped=True)
             global_step = (epoch - 1) * steps_per_epoch + step
             if training.schedule != "constant":
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(training, global_step, total_steps, steps_per_epoch)
-            idx = order[step * training.batch_size : (step + 1) * training.batch_size]
+            batch = train_split[
+                order[step * training.batch_size : (step + 1) * training.batch_size]
+            ]
             with autocast:
                 if student_tap is None:
-                    logits, features = forward(train_split.x[idx]), None
+                    logits, features = forward(*batch.inputs.values()), None
                 else:
-                    logits, features = student_tap(train_split.x[idx], forward)
-            inputs = [logits, train_split.teacher_logits[idx], train_split.y[idx]]
+                    logits, features = student_tap(batch.x, forward)
+            inputs = [logits, batch.teacher_logits, batch.labels]
             if features is not None:
-                inputs += [features, [f[idx] for f in train_split.teacher_features]]
+                inputs += [features, list(batch.teacher_features)]
             loss, terms = loss_fn(*inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,11 +195,11 @@ def train(
             step_values = torch.stack([loss.detach(), *terms.values()])
             totals = step_values if totals is None else totals + step_values
             term_names = ["loss", *terms]
-            sink.progress((global_step + 1) / total_steps)
+            callbacks.progress((global_step + 1) / total_steps)
 
         seconds = time.perf_counter() - started
         val = logit_metrics(
-            predict_logits(student, val_split.x), val_split.teacher_logits, val_split.y
+            predict_logits(student, val_split.x), val_split.teacher_logits, val_split.labels
         )
         assert totals is not None
         means = (totals / steps_per_epoch).tolist()
@@ -192,8 +222,8 @@ def train(
         state.loss_state = loss_fn.state_dict()
         state.optimizer_state = optimizer.state_dict()
         state.generator_state = generator.get_state()
-        sink.epoch_end(epoch, values)
-        save_checkpoint(state)
+        callbacks.epoch_end(epoch, values)
+        callbacks.save_checkpoint(state)
         if patience is not None and state.epochs_without_improvement >= patience:
             return LoopOutcome(state, stopped=False, early_stopped=True)
     return LoopOutcome(state, stopped=False)

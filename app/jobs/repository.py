@@ -1,0 +1,176 @@
+"""Every write to job rows, their teachers, metrics and artifacts, in one place.
+
+Each function takes the caller's session and never commits: the API's request dependency or the
+worker's short ``session_scope`` owns the transaction. Writes made by a worker's attempt carry
+``owned(job_id, attempt)``, so an attempt that was superseded (requeued after a missed heartbeat,
+or finished) can no longer change the job.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, update
+from sqlalchemy.orm import Session
+
+from app.models import (
+    Artifact,
+    ArtifactFormat,
+    Job,
+    JobMetric,
+    JobPhase,
+    JobStatus,
+    JobTeacher,
+    utcnow,
+)
+
+ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
+
+
+def owned(job_id: str, attempt: int) -> ColumnElement[bool]:
+    """The condition every write of an attempt carries: it still owns the job."""
+    return (Job.id == job_id) & (Job.attempt == attempt) & Job.status.in_(ACTIVE)
+
+
+def add_job(
+    session: Session, *, spec: dict[str, Any], dataset_ref: str, teachers: list[tuple[str, float]]
+) -> Job:
+    """A queued job and its (teacher id, normalised weight) members, in order."""
+    job = Job(spec=spec, teacher_id=teachers[0][0], dataset_ref=dataset_ref)
+    session.add(job)
+    session.flush()
+    session.add_all(
+        JobTeacher(job_id=job.id, position=i, teacher_id=teacher_id, weight=weight)
+        for i, (teacher_id, weight) in enumerate(teachers)
+    )
+    return job
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    from_statuses: Iterable[JobStatus],
+    *conditions: ColumnElement[bool],
+    **values: Any,
+) -> bool:
+    """Compare-and-set on the job's status (and any further conditions): True if this caller
+    made the change."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(list(from_statuses)), *conditions)
+        .values(**values)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    """A queued job is cancelled at once; a running one is asked to stop at its next check.
+    False when the job has already finished."""
+    return transition(
+        session,
+        job_id,
+        [JobStatus.QUEUED],
+        status=JobStatus.CANCELLED,
+        phase=JobPhase.DONE,
+        cancel_requested=True,
+        finished_at=utcnow(),
+    ) or transition(
+        session,
+        job_id,
+        [JobStatus.RUNNING, JobStatus.CANCELLING],
+        status=JobStatus.CANCELLING,
+        cancel_requested=True,
+    )
+
+
+def fail_unqueued(session: Session, job_ids: list[str]) -> None:
+    """Jobs whose message could not be sent: failed, rather than queued forever."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.FAILED,
+            phase=JobPhase.DONE,
+            finished_at=utcnow(),
+            error={"code": "broker_unavailable", "detail": "The job could not be queued."},
+        )
+    )
+
+
+def claim(session: Session, job_id: str, max_attempts: int) -> int | None:
+    """queued -> running in one compare-and-set; returns the attempt number, or None when there
+    is nothing to claim (a duplicate delivery, a cancelled job, attempts used up)."""
+    return session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempt < max_attempts)
+        .values(
+            status=JobStatus.RUNNING,
+            phase=JobPhase.VALIDATING,
+            attempt=Job.attempt + 1,
+            progress=0.0,
+            started_at=utcnow(),
+            heartbeat_at=utcnow(),
+            error=None,
+        )
+        .returning(Job.attempt)
+    ).scalar_one_or_none()
+
+
+def heartbeat(session: Session, job_id: str, attempt: int, **values: Any) -> bool | None:
+    """Beat (with progress, phase...) and read back the cancel flag; None if not owned."""
+    flag = session.execute(
+        update(Job)
+        .where(owned(job_id, attempt))
+        .values(heartbeat_at=utcnow(), **values)
+        .returning(Job.cancel_requested)
+    ).scalar_one_or_none()
+    return None if flag is None else bool(flag)
+
+
+def add_metrics(session: Session, job_id: str, epoch: int, values: dict[str, float]) -> None:
+    session.add(JobMetric(job_id=job_id, epoch=epoch, values=values))
+
+
+def forget_metrics_after(session: Session, job_id: str, epoch: int) -> None:
+    """Drop per-epoch rows that the checkpoint being resumed from does not cover."""
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch > epoch))
+
+
+def finish(session: Session, job_id: str, attempt: int, status: JobStatus, **values: Any) -> bool:
+    """End the attempt's job (failed, cancelled); False if the attempt no longer owns it."""
+    result = session.execute(
+        update(Job)
+        .where(owned(job_id, attempt))
+        .values(status=status, phase=JobPhase.DONE, finished_at=utcnow(), **values)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def succeed(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    result: dict[str, Any],
+    artifacts: dict[ArtifactFormat, tuple[str, str, int]],
+) -> bool:
+    """Succeed and record the artifacts ``{format: (storage key, sha256, size)}`` together,
+    if this attempt still owns the job."""
+    done = session.execute(
+        update(Job)
+        .where(owned(job_id, attempt))
+        .values(
+            status=JobStatus.SUCCEEDED,
+            phase=JobPhase.DONE,
+            progress=1.0,
+            result=result,
+            finished_at=utcnow(),
+            heartbeat_at=utcnow(),
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    if not done:
+        return False
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    session.add_all(
+        Artifact(job_id=job_id, format=fmt, storage_key=key, sha256=sha256, size_bytes=size)
+        for fmt, (key, sha256, size) in artifacts.items()
+    )
+    return True

@@ -1,0 +1,53 @@
+"""ONNX in and out: a torch model exported as one self-contained graph, and a graph's latency.
+
+Students are exported here, and safetensors teachers too when their latency is measured, so the
+two are always timed on the same runtime.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from app.ml.signature import ModelSignature
+
+
+def export_onnx(model: nn.Module, signature: ModelSignature, path: Path) -> None:
+    """One self-contained ONNX file named after the signature, with a dynamic batch dimension."""
+    model = model.cpu().eval()
+    example = torch.zeros(2, *signature.input_shape)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[signature.inputs[0].name],
+        output_names=[signature.scores.name],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        verbose=False,
+    )
+
+
+def onnx_latency_ms(path: Path, signature: ModelSignature, runs: int = 200) -> float:
+    """Median single-sample latency in milliseconds with onnxruntime on one CPU thread.
+
+    Teacher and student are both measured this way, so the ratio compares models, not runtimes.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    sample = np.random.default_rng(0).random((1, *signature.input_shape), dtype=np.float32)
+    for _ in range(10):
+        session.run(None, {name: sample})
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {name: sample})
+        timings.append(time.perf_counter() - start)
+    return float(np.median(timings) * 1000.0)

@@ -1,0 +1,99 @@
+"""What every student family provides, and what all students share: input standardisation."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Generic, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from app.ml.signature import Datatype, ModelSignature
+
+Width = Annotated[int, Field(ge=1, le=16_384)]
+
+
+class StudentSpecBase(BaseModel):
+    """A family's spec: pure data, stored with the job and in the artifact manifest, so a student
+    is rebuilt from its spec and weights alone. ``architecture`` names the family."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str
+
+
+SpecT = TypeVar("SpecT", bound=StudentSpecBase)
+MemoryFormat = Literal["contiguous", "channels_last"]
+
+
+@dataclass(frozen=True)
+class StudentFamily(Generic[SpecT]):
+    """One architecture family: its spec type, how to build it for a signature, which
+    signatures it accepts, and the memory format it trains fastest in.
+
+    ``accepts`` returns None when the family can take the signature, else the reason it cannot.
+    Export needs nothing per family: every student is exported to ONNX from its signature.
+    """
+
+    name: str
+    spec: type[SpecT]
+    build: Callable[[SpecT, ModelSignature], nn.Module]
+    accepts: Callable[[ModelSignature], str | None]
+    memory_format: MemoryFormat = "contiguous"
+
+    def apply_memory_format(self, model: nn.Module) -> nn.Module:
+        if self.memory_format == "channels_last":
+            # NHWC: oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster in this layout.
+            return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,no-any-return]
+        return model
+
+
+def one_float_tensor(signature: ModelSignature, rank: int | None = None) -> str | None:
+    """None if the signature is one FP32 input of fixed shape (of ``rank`` dims, if given)."""
+    if len(signature.inputs) != 1 or signature.inputs[0].datatype != Datatype.FP32:
+        return f"it takes one FP32 tensor; these inputs are {signature.describe_inputs()}"
+    shape = signature.inputs[0].static_shape
+    if shape is None:
+        return f"it needs fixed input sizes; got {signature.inputs[0].shape}"
+    if rank is not None and len(shape) != rank:
+        return f"it needs inputs of {rank} dimensions; got {list(shape)}"
+    return None
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with per-channel (per-feature for flat inputs) statistics of the
+    training inputs. Kept as buffers, so the student takes raw inputs just as its teacher does;
+    it makes the student's optimisation much better conditioned (an MLP on raw [0, 1] pixels
+    learns markedly slower)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        shape = (input_shape[0],) + (1,) * (len(input_shape) - 1)
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("std", torch.ones(shape))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Set the statistics from a batch ``[N, *input_shape]``."""
+        dims = (0, *range(2, x.ndim))
+        self.mean.copy_(x.mean(dim=dims).reshape(self.mean.shape))
+        self.std.copy_(x.std(dim=dims).clamp_min(1e-6).reshape(self.std.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def classifier_head(
+    in_features: int, hidden_sizes: list[int], dropout: float, num_classes: int
+) -> list[nn.Module]:
+    """Linear+ReLU (+dropout) per hidden size, then the linear classifier."""
+    layers: list[nn.Module] = []
+    for width in hidden_sizes:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        in_features = width
+    layers.append(nn.Linear(in_features, num_classes))
+    return layers

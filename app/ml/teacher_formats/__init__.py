@@ -1,0 +1,85 @@
+"""Teacher formats, registered once: adding one is a module and one line in ``FORMATS``.
+
+An upload is first checked for what Distill never loads (pickles, ``torch.save`` and
+TorchScript archives: they run code), then given to the first format whose ``sniff`` recognises
+it, in registry order.
+"""
+
+import zipfile
+from pathlib import Path
+
+from app.errors import PickleRefused, UnsupportedFormat
+from app.ml.teacher_formats.base import TeacherBackend, TeacherFormat, TeacherInfo
+from app.ml.teacher_formats.onnx import ONNX
+from app.ml.teacher_formats.safetensors import SAFETENSORS
+
+# In sniffing order: ONNX has no magic bytes, so it comes last.
+FORMATS: dict[str, TeacherFormat] = {f.name: f for f in (SAFETENSORS, ONNX)}
+
+__all__ = ["FORMATS", "TeacherBackend", "TeacherFormat", "TeacherInfo", "inspect_teacher"]
+
+EXPORT_HELP = (
+    "Export the model instead: to ONNX with "
+    "`torch.onnx.export(model.eval(), (example_batch,), 'teacher.onnx', input_names=['input'], "
+    "output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},))`, or, for an "
+    "`mlp` or `cnn` architecture, to safetensors with "
+    "`safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors')` uploaded with a "
+    "`config` describing the architecture."
+)
+PICKLE_PROTOCOL_OPCODE = 0x80
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+
+
+def _zip_kind(path: Path) -> str | None:
+    """'pickle' for a torch.save zip, 'torchscript', 'other' for any other zip; None if no zip."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return "other"
+    if any(n.startswith("code/") or "/code/" in n for n in names):
+        return "torchscript"
+    return "pickle" if any(n.endswith(".pkl") for n in names) else "other"
+
+
+def _refuse_code(path: Path, filename: str, head: bytes) -> None:
+    """Raise for files whose loading would run code, whatever their name."""
+    if head[:1] == bytes([PICKLE_PROTOCOL_OPCODE]) and 2 <= head[1] <= 5:
+        raise PickleRefused(
+            f"`{filename}` is a Python pickle, which Distill never loads. {EXPORT_HELP}"
+        )
+    zip_kind = _zip_kind(path)
+    if zip_kind == "pickle":
+        raise PickleRefused(
+            f"`{filename}` is a torch.save checkpoint (a zip holding a pickle), which Distill "
+            f"never loads. {EXPORT_HELP}"
+        )
+    if zip_kind == "torchscript":
+        raise UnsupportedFormat(
+            f"`{filename}` is a TorchScript archive: it is code, and Distill does not run uploaded "
+            f"code. {EXPORT_HELP}"
+        )
+    if zip_kind == "other":
+        raise UnsupportedFormat(f"`{filename}` is a zip archive, not a model. {EXPORT_HELP}")
+
+
+def inspect_teacher(path: Path, filename: str, config: str | None) -> TeacherInfo:
+    """Recognise and check an uploaded teacher without running anything it contains.
+
+    Raises:
+        PickleRefused, UnsupportedFormat: 415, with how to export instead.
+        InvalidModel: 422, the file or its ``config`` cannot be used.
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    _refuse_code(path, filename, head)
+    teacher_format = next(f for f in FORMATS.values() if f.sniff(head, size))
+    if teacher_format is ONNX and Path(filename).suffix.lower() in PICKLE_SUFFIXES:
+        raise PickleRefused(
+            f"`{filename}` is neither ONNX nor safetensors; files of this kind usually hold a "
+            f"pickle, which Distill never loads. {EXPORT_HELP}"
+        )
+    return teacher_format.inspect(path, filename, config)

@@ -1,0 +1,97 @@
+"""The protocol every teacher format implements, and what inspecting an upload yields."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from app.ml.layers import FeatureLayer
+from app.ml.signature import ModelSignature
+
+OnBatch = Callable[[], None] | None
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What inspection learns of an upload without running any code it contains.
+
+    ``architecture`` is what ``open`` needs besides the file (a safetensors teacher's config).
+    """
+
+    format: str
+    signature: ModelSignature
+    parameter_count: int
+    architecture: dict[str, Any] | None = None
+    feature_layers: list[FeatureLayer] = field(default_factory=list)
+
+
+class TeacherBackend(Protocol):
+    """A loaded teacher, frozen (eval mode, no gradients), run on float32 numpy batches."""
+
+    def logits(self, x: np.ndarray, batch_size: int = 1024, on_batch: OnBatch = None) -> np.ndarray:
+        """Class scores ``[N, classes]`` float32 for inputs ``[N, *input_shape]``.
+
+        ``on_batch`` runs before every batch (the worker's heartbeat on long passes)."""
+        ...
+
+    def features(
+        self, x: np.ndarray, names: list[str], batch_size: int = 1024, on_batch: OnBatch = None
+    ) -> list[np.ndarray]:
+        """The outputs at ``names`` (``feature_layers`` names) for every sample, float32."""
+        ...
+
+    def latency_ms(self) -> float:
+        """Median single-sample latency on onnxruntime, one CPU thread (as students are timed)."""
+        ...
+
+
+class TeacherFormat(Protocol):
+    """One teacher file format: recognise it, inspect it into a signature, open it."""
+
+    name: str
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        """Does a file starting with ``head`` (its first 16 bytes) of ``size`` bytes look like
+        this format?"""
+        ...
+
+    def inspect(self, path: Path, filename: str, config: str | None) -> TeacherInfo:
+        """Check the upload and describe it, never running code from it.
+
+        Raises:
+            InvalidModel: the file or its ``config`` cannot be used (422).
+        """
+        ...
+
+    def open(
+        self,
+        path: Path,
+        signature: ModelSignature,
+        architecture: dict[str, Any] | None,
+        device: torch.device,
+    ) -> TeacherBackend:
+        """Load the stored teacher frozen, on ``device`` where the runtime can use it."""
+        ...
+
+
+def fill_batches(
+    x: np.ndarray,
+    batch_size: int,
+    run: Callable[[np.ndarray], list[np.ndarray]],
+    on_batch: OnBatch,
+) -> list[np.ndarray]:
+    """``run`` over ``x`` in batches, its outputs written into float32 arrays allocated once
+    (a feature method's can be the job's largest)."""
+    arrays: list[np.ndarray] = []
+    for start in range(0, len(x), batch_size):
+        if on_batch is not None:
+            on_batch()
+        outputs = run(np.ascontiguousarray(x[start : start + batch_size]))
+        if not arrays:
+            arrays = [np.empty((len(x), *o.shape[1:]), np.float32) for o in outputs]
+        for array, output in zip(arrays, outputs, strict=True):
+            array[start : start + len(output)] = output
+    return arrays

@@ -1,0 +1,151 @@
+"""safetensors teachers: weights parsed by the safetensors library and loaded into an
+architecture Distill builds itself (a registered student family), described by the upload's
+``config`` form field. Nothing in the upload is ever executed."""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from app.errors import InvalidModel
+from app.ml.hooks import FeatureTap
+from app.ml.layers import feature_layers
+from app.ml.onnx_io import export_onnx, onnx_latency_ms
+from app.ml.signature import ModelSignature
+from app.ml.students import StudentSpec, build_model, parameter_count
+from app.ml.teacher_formats.base import OnBatch, TeacherInfo, fill_batches
+
+MAX_HEADER = 100 * 1024 * 1024
+CONFIG_HELP = (
+    "A safetensors teacher needs a `config` form field: "
+    '{"architecture": {"architecture": "cnn", "channels": [32, 64], "hidden_sizes": [512]}, '
+    '"input_shape": [1, 28, 28], "num_classes": 10}.'
+)
+
+
+class TeacherConfig(BaseModel):
+    """The ``config`` sent with a safetensors teacher: the architecture and its input/output."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: StudentSpec
+    input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(min_length=1, max_length=4)
+    num_classes: int = Field(ge=2, le=100_000)
+
+    @property
+    def signature(self) -> ModelSignature:
+        return ModelSignature.for_tensor(self.input_shape, self.num_classes)
+
+
+class TorchTeacher:
+    def __init__(self, model: nn.Module, signature: ModelSignature, device: torch.device) -> None:
+        # Frozen: eval mode (no dropout, running BN statistics) and no gradients.
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.signature, self.device = signature, device
+
+    def _forward(self, batch: np.ndarray, tap: FeatureTap | None = None) -> list[np.ndarray]:
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device)
+            outputs = [self.model(x)] if tap is None else tap(x)[1]
+        return [t.float().cpu().numpy() for t in outputs]
+
+    def logits(self, x: np.ndarray, batch_size: int = 1024, on_batch: OnBatch = None) -> np.ndarray:
+        return fill_batches(x, batch_size, self._forward, on_batch)[0]
+
+    def features(
+        self, x: np.ndarray, names: list[str], batch_size: int = 1024, on_batch: OnBatch = None
+    ) -> list[np.ndarray]:
+        tap = FeatureTap(self.model, names)
+        try:
+            return fill_batches(x, batch_size, lambda b: self._forward(b, tap), on_batch)
+        finally:
+            tap.remove()
+
+    def latency_ms(self) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "teacher.onnx"
+            export_onnx(self.model, self.signature, path)
+            latency = onnx_latency_ms(path, self.signature)
+        self.model.to(self.device)  # the export moved it to the CPU
+        return latency
+
+
+class SafetensorsFormat:
+    name = "safetensors"
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        if len(head) < 9:
+            return False
+        header_len = int.from_bytes(head[:8], "little")
+        return 0 < header_len <= min(size - 8, MAX_HEADER) and head[8:9] == b"{"
+
+    def inspect(self, path: Path, filename: str, config: str | None) -> TeacherInfo:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        if config is None:
+            raise InvalidModel(CONFIG_HELP)
+        try:
+            teacher_config = TeacherConfig.model_validate(json.loads(config))
+        except (ValueError, ValidationError) as e:
+            raise InvalidModel(
+                f"`config` is not a valid teacher config: {e}", field="config"
+            ) from e
+        signature = teacher_config.signature
+        try:
+            # On the meta device first: the config's shapes are compared with the file's header
+            # before any memory is taken, so a tiny upload cannot make the API allocate gigabytes.
+            with torch.device("meta"):
+                skeleton = build_model(teacher_config.architecture, signature)
+            with safe_open(str(path), framework="pt") as f:
+                stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise InvalidModel(f"The safetensors file or the `config` cannot be used: {e}") from e
+        expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        if stored != expected:
+            differing = sorted(set(stored) ^ set(expected)) or sorted(
+                n for n in expected if stored[n] != expected[n]
+            )
+            raise InvalidModel(
+                f"The weights do not fit the architecture in `config` (first differences: "
+                f"{differing[:5]})."
+            )
+        state = load_file(str(path))
+        model = build_model(teacher_config.architecture, signature)
+        model.load_state_dict(state, strict=True)
+        if any(not t.is_floating_point() and t.numel() > 1 for t in state.values()):
+            raise InvalidModel("Weights must be floating point.")
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, *teacher_config.input_shape))
+        if not all(
+            np.isfinite(t.float().numpy()).all() for t in state.values() if t.is_floating_point()
+        ):
+            raise InvalidModel("The weights contain NaN or infinite values.")
+        return TeacherInfo(
+            format=self.name,
+            signature=signature,
+            parameter_count=parameter_count(model),
+            architecture=teacher_config.model_dump(mode="json"),
+            feature_layers=feature_layers(teacher_config.architecture, signature),
+        )
+
+    def open(
+        self,
+        path: Path,
+        signature: ModelSignature,
+        architecture: dict[str, Any] | None,
+        device: torch.device,
+    ) -> TorchTeacher:
+        from safetensors.torch import load_file
+
+        teacher_config = TeacherConfig.model_validate(architecture)
+        model = build_model(teacher_config.architecture, signature)
+        model.load_state_dict(load_file(str(path)))
+        return TorchTeacher(model, signature, device)
+
+
+SAFETENSORS = SafetensorsFormat()

@@ -1,0 +1,100 @@
+import pytest
+import torch
+from pydantic import BaseModel, ValidationError
+
+from app.ml.signature import Datatype, ModelSignature, TensorSpec
+from app.ml.students import (
+    FAMILIES,
+    CnnSpec,
+    MlpSpec,
+    Standardize,
+    StudentSpec,
+    build_model,
+    build_student,
+    family_of,
+    parameter_count,
+    parse_spec,
+)
+
+DIGITS = ModelSignature.for_tensor((1, 8, 8), 10)
+
+
+def test_standardize_fits_per_channel_statistics() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, 4, 4, generator=generator) * torch.tensor([1.0, 5.0, 0.1]).reshape(
+        3, 1, 1
+    ) + torch.tensor([0.0, 10.0, -2.0]).reshape(3, 1, 1)
+    layer = Standardize((3, 4, 4))
+    layer.fit(x)
+    out = layer(x)
+    assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(out.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
+
+
+def test_standardize_flat_inputs_per_feature() -> None:
+    x = torch.tensor([[1.0, 100.0], [3.0, 300.0]])
+    layer = Standardize((2,))
+    layer.fit(x)
+    assert torch.allclose(layer.mean, torch.tensor([2.0, 200.0]))
+    assert torch.allclose(layer(x).abs(), torch.full((2, 2), 2**-0.5), atol=1e-6)
+
+
+def test_student_statistics_are_weights_not_parameters() -> None:
+    x = torch.rand(64, 1, 8, 8)
+    student = build_student(MlpSpec(hidden_sizes=[16]), DIGITS, fit_inputs=x)
+    assert parameter_count(student) == 64 * 16 + 16 + 16 * 10 + 10
+    state = student.state_dict()
+    assert {"0.mean", "0.std"} <= set(state)
+    rebuilt = build_student(MlpSpec(hidden_sizes=[16]), DIGITS)
+    rebuilt.load_state_dict(state)
+    assert torch.equal(rebuilt.eval()(x), student.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "parameters"),
+    [
+        (MlpSpec(hidden_sizes=[128]), (1, 28, 28), 784 * 128 + 128 + 128 * 10 + 10),
+        (CnnSpec(channels=[32, 64], hidden_sizes=[512]), (1, 28, 28), 1_630_186),
+        (CnnSpec(channels=[4]), (1, 1, 1), 4 * 9 + 4 * 2 + 4 * 10 + 10),
+    ],
+)
+def test_architectures_build_and_count(
+    spec: MlpSpec | CnnSpec, shape: tuple[int, ...], parameters: int
+) -> None:
+    model = build_model(spec, ModelSignature.for_tensor(shape, 10))
+    assert parameter_count(model) == parameters
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+class Job(BaseModel):
+    student: StudentSpec
+
+
+def test_the_spec_union_is_the_registry() -> None:
+    """Contract: each registered family parses as itself through the public union, and nothing
+    else parses."""
+    for name, family in FAMILIES.items():
+        assert family.name == name
+        assert family.spec.model_fields["architecture"].default == name
+        parsed = Job.model_validate({"student": {"architecture": name}}).student
+        assert type(parsed) is family.spec
+        assert family_of(parsed) is family
+        assert parse_spec(parsed.model_dump()) == parsed
+        assert family.accepts(DIGITS) is None
+        model = family.apply_memory_format(build_model(parsed, DIGITS))
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValidationError):
+        Job.model_validate({"student": {"architecture": "transformer"}})
+
+
+def test_families_say_which_signatures_they_cannot_take() -> None:
+    flat = ModelSignature.for_tensor((64,), 10)
+    tokens = ModelSignature(
+        inputs=[TensorSpec(name="input_ids", datatype=Datatype.INT64, shape=["sequence"])],
+        outputs=DIGITS.outputs,
+    )
+    assert FAMILIES["mlp"].accepts(flat) is None
+    assert "[C, H, W]" in (FAMILIES["cnn"].accepts(flat) or "")
+    for family in FAMILIES.values():
+        assert "FP32" in (family.accepts(tokens) or "")
+    assert FAMILIES["cnn"].memory_format == "channels_last"

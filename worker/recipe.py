@@ -1,0 +1,396 @@
+"""The distillation recipe, without a database: prepare -> teacher outputs -> train -> evaluate
+-> export.
+
+The pipeline runs it for a job; the benchmarks and the in-process tests call it (or its phases)
+directly. It reports through ``RecipeEvents``: a job's attempt writes them to the database, a
+benchmark ignores them. Each phase's outputs are kept on the recipe for the next.
+"""
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from app.datasets.arrays import DatasetArrays
+from app.jobs.methods import FeatureMethod
+from app.jobs.schemas import DistillationSpec, JobResult, TeacherScore
+from app.ml.hooks import FeatureTap
+from app.ml.layers import feature_layers
+from app.ml.onnx_io import onnx_latency_ms
+from app.ml.signature import ModelSignature, SignatureMismatch, check_compatible
+from app.ml.students import build_student, family_of, parameter_count
+from app.ml.teacher_formats import TeacherBackend
+from app.models import ArtifactFormat, JobPhase
+from worker.checkpoints import load_checkpoint, save_checkpoint
+from worker.evaluation import accuracy, logit_metrics, per_class_accuracy
+from worker.export import write_artifact
+from worker.losses import build_loss
+from worker.teacher_cache import cache_key, cached_teacher_logits
+from worker.teachers import TeacherRecord, ensemble_logits
+from worker.training.loop import Batch, Callbacks, LoopOutcome, LoopState, predict_logits, train
+
+VALIDATION_FRACTION = 0.1
+MAX_VALIDATION = 10_000
+
+
+class JobFailure(Exception):
+    """A failure to report on the job as it is (no traceback needed)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class Cancelled(Exception):
+    """A cancel was requested; raised between phases, or when the loop stopped on request."""
+
+
+class RecipeEvents(Callbacks, Protocol):
+    def phase(self, phase: JobPhase) -> None:
+        """A phase begins. May raise ``Cancelled``."""
+
+    def keep_alive(self) -> None:
+        """Called during slow work outside the loop (teacher passes)."""
+
+    def resumed(self, epoch: int) -> None:
+        """Training continues after ``epoch`` (0: from the start)."""
+
+
+class SilentEvents:
+    """Events that go nowhere: for benchmarks and tests that only want the result."""
+
+    def phase(self, phase: JobPhase) -> None:
+        pass
+
+    def keep_alive(self) -> None:
+        pass
+
+    def resumed(self, epoch: int) -> None:
+        pass
+
+    def progress(self, fraction: float) -> None:
+        pass
+
+    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def save_checkpoint(self, state: LoopState) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RecipeInputs:
+    """Everything one distillation needs, read beforehand (from the database, or by hand).
+
+    ``teachers`` pairs with ``spec.teacher_weights``. ``cache_dir`` keeps teacher outputs
+    between runs (None: computed every time); ``checkpoint`` is where epochs are saved and a
+    resumed run reads from (None: no checkpoints).
+    """
+
+    job_id: str
+    spec: DistillationSpec
+    teachers: list[TeacherRecord]
+    data: DatasetArrays
+    device: torch.device
+    artifact_dir: Path
+    cache_dir: Path | None = None
+    cache_max_bytes: int | None = None
+    checkpoint: Path | None = None
+
+
+@dataclass(frozen=True)
+class RecipeOutput:
+    result: JobResult
+    paths: dict[ArtifactFormat, Path]
+
+
+def split_validation(
+    x: np.ndarray, y: np.ndarray, logits: np.ndarray, seed: int
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Hold out part of the training set to pick the best epoch; the test set stays unseen."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = min(MAX_VALIDATION, max(1, int(len(x) * VALIDATION_FRACTION)))
+    val, tr = order[:n_val], order[n_val:]
+    return (x[tr], y[tr], logits[tr]), (x[val], y[val], logits[val])
+
+
+def to_batch(
+    arrays: tuple[np.ndarray, ...], signature: ModelSignature, device: torch.device
+) -> Batch:
+    """``(inputs, labels, teacher logits)`` arrays as a device ``Batch`` named by ``signature``."""
+    x, y, logits = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
+    return Batch(inputs={signature.inputs[0].name: x}, labels=y, teacher_logits=logits)
+
+
+class DistillationRecipe:
+    """One distillation, phase by phase; ``run`` does them all in order."""
+
+    def __init__(self, inputs: RecipeInputs, events: RecipeEvents | None = None) -> None:
+        self.inputs = inputs
+        self.events: RecipeEvents = events or SilentEvents()
+        self.spec = inputs.spec
+        self.weights = [w for _, w in inputs.spec.teacher_weights]
+        # Every teacher of an ensemble shares its inputs and classes (checked at submission).
+        self.signature = ModelSignature.model_validate(inputs.teachers[0].signature)
+        self.student_signature = self.signature.with_classes(self._class_names())
+        self.backends: list[TeacherBackend] = []
+        self.dataset_digest = ""
+        self.per_teacher: list[dict[str, np.ndarray]] = []
+        self.cache_hits: list[bool] = []
+
+    def _class_names(self) -> list[str]:
+        # The student has the teacher's outputs, which may be more than the dataset's classes.
+        classes = self.inputs.data.classes
+        return classes + [str(i) for i in range(len(classes), self.signature.num_classes)]
+
+    def run(self) -> RecipeOutput:
+        started = time.perf_counter()
+        self.events.phase(JobPhase.VALIDATING)
+        self.prepare()
+        self.events.phase(JobPhase.TEACHER_OUTPUTS)
+        self.teacher_outputs()
+        self.events.phase(JobPhase.TRAINING)
+        outcome = self.train()
+        if outcome.stopped:
+            raise Cancelled(self.inputs.job_id)
+        self.events.phase(JobPhase.EVALUATING)
+        result = self.evaluate(outcome)
+        self.events.phase(JobPhase.EXPORTING)
+        output = self.export(result)
+        final = output.result.model_copy(update={"wall_seconds": time.perf_counter() - started})
+        return RecipeOutput(final, output.paths)
+
+    def prepare(self) -> None:
+        """Check the data against the teacher's signature and open the teachers."""
+        data_signature = ModelSignature.for_tensor(
+            self.inputs.data.input_shape, len(self.inputs.data.classes)
+        )
+        try:
+            check_compatible(self.signature, data_signature, field="dataset")
+        except SignatureMismatch as e:
+            raise JobFailure("shape_mismatch", e.detail) from e
+        self.backends = [t.open(self.inputs.device) for t in self.inputs.teachers]
+
+    def teacher_outputs(self) -> None:
+        """Each teacher's logits on the train and test inputs (cached by content), mixed into one
+        teacher for an ensemble; then the train/validation/test batches."""
+        data, training = self.inputs.data, self.spec.training
+        self.dataset_digest = data.digest()
+        self.per_teacher, self.cache_hits = [], []
+        for record, backend in zip(self.inputs.teachers, self.backends, strict=True):
+            run = partial(backend.logits, on_batch=self.events.keep_alive)
+            splits = {"train": data.x_train, "test": data.x_test}
+            if self.inputs.cache_dir is None:
+                logits, hit = {name: run(x) for name, x in splits.items()}, False
+            else:
+                logits, hit = cached_teacher_logits(
+                    self.inputs.cache_dir,
+                    cache_key(record.sha256, self.dataset_digest),
+                    splits,
+                    run,
+                    max_bytes=self.inputs.cache_max_bytes,
+                )
+            self.per_teacher.append(logits)
+            self.cache_hits.append(hit)
+        temperature = self.spec.distillation.teacher_temperature
+        mixed = {
+            split: ensemble_logits([t[split] for t in self.per_teacher], self.weights, temperature)
+            for split in ("train", "test")
+        }
+        # Label-free: on an unlabelled transfer set the teacher's top-1 predictions stand in for
+        # labels (for the cross-entropy terms and for choosing the best epoch).
+        y_train = mixed["train"].argmax(axis=1) if data.y_train is None else data.y_train
+        train_arrays, val_arrays = split_validation(
+            data.x_train, y_train, mixed["train"], training.seed
+        )
+        device = self.inputs.device
+        self.train_split = to_batch(train_arrays, self.signature, device)
+        self.val_split = to_batch(val_arrays, self.signature, device)
+        self.test_split = to_batch(
+            (data.x_test, data.y_test, mixed["test"]), self.signature, device
+        )
+
+    def build_student(self) -> torch.nn.Sequential:
+        torch.manual_seed(self.spec.training.seed)
+        student = build_student(
+            self.spec.student, self.student_signature, fit_inputs=self.train_split.x
+        ).to(self.inputs.device)
+        family_of(self.spec.student).apply_memory_format(student)
+        return student
+
+    def _feature_loss(
+        self, method: FeatureMethod, student: torch.nn.Sequential
+    ) -> tuple[torch.nn.Module, FeatureTap]:
+        """What a feature method adds: the teacher's outputs at its layers for the training
+        split (computed once: the inputs never change, and stored on the batch), the loss with
+        adapters sized for each layer pair, and a tap on the student's layers."""
+        assert method.layers is not None  # resolved at submission
+        device = self.inputs.device
+        features = self.backends[0].features(
+            self.train_split.x.cpu().numpy(),
+            [pair.teacher for pair in method.layers],
+            on_batch=self.events.keep_alive,
+        )
+        student_shapes = {
+            layer.name: tuple(layer.shape)
+            for layer in feature_layers(self.spec.student, self.student_signature)
+        }
+        student_paths = [pair.student for pair in method.layers]
+        loss_fn = build_loss(
+            method,
+            [
+                (student_shapes[path], f.shape[1:])
+                for path, f in zip(student_paths, features, strict=True)
+            ],
+        ).to(device)
+        self.train_split = dataclasses.replace(
+            self.train_split,
+            teacher_features=tuple(torch.from_numpy(f).to(device) for f in features),
+        )
+        # Paths name modules of the architecture, after the student's input standardisation.
+        return loss_fn, FeatureTap(student, student_paths, root=student[1])
+
+    def train(self) -> LoopOutcome:
+        """Build the student and its loss, then run the loop (resuming from the checkpoint)."""
+        self.student = self.build_student()
+        method = self.spec.distillation
+        tap = None
+        if isinstance(method, FeatureMethod):
+            loss_fn, tap = self._feature_loss(method, self.student)
+        else:
+            loss_fn = build_loss(method)
+        checkpoint = self.inputs.checkpoint
+        resume = None if checkpoint is None else load_checkpoint(checkpoint)
+        self.resumed_from_epoch = None if resume is None else resume.epoch
+        self.events.resumed(self.resumed_from_epoch or 0)
+        events: Callbacks = self.events
+        if checkpoint is not None:
+            events = _Checkpointing(self.events, checkpoint)
+        device = self.inputs.device
+        outcome = train(
+            self.student,
+            loss_fn,
+            self.train_split,
+            self.val_split,
+            self.spec.training,
+            events,
+            resume=resume,
+            # bf16 autocast on CUDA: matmuls on tensor cores; losses upcast to float32 themselves.
+            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+            student_tap=tap,
+        )
+        if tap is not None:
+            tap.remove()  # evaluation and export see the plain student
+        self.student.load_state_dict(outcome.state.best_state)
+        return outcome
+
+    def evaluate(self, outcome: LoopOutcome) -> JobResult:
+        """The best student and the teacher on the test split (export figures still unset)."""
+        test, data = self.test_split, self.inputs.data
+        num_classes = self.signature.num_classes
+        student_logits = predict_logits(self.student, test.x)
+        student_test = logit_metrics(student_logits, test.teacher_logits, test.labels)
+        teacher_test = logit_metrics(test.teacher_logits, test.teacher_logits, test.labels)
+        student_parameters = parameter_count(self.student)
+        teacher_parameters = sum(t.parameter_count for t in self.inputs.teachers)
+        return JobResult(
+            student_accuracy=student_test["accuracy"],
+            teacher_accuracy=teacher_test["accuracy"],
+            accuracy_retained=100.0 * student_test["accuracy"] / teacher_test["accuracy"]
+            if teacher_test["accuracy"]
+            else None,
+            agreement=student_test["agreement"],
+            kl_to_teacher=student_test["kl_to_teacher"],
+            student_ece=student_test["ece"],
+            teacher_ece=teacher_test["ece"],
+            student_per_class_accuracy=per_class_accuracy(student_logits, test.labels, num_classes),
+            teacher_per_class_accuracy=per_class_accuracy(
+                test.teacher_logits, test.labels, num_classes
+            ),
+            student_parameters=student_parameters,
+            teacher_parameters=teacher_parameters,
+            compression_ratio=teacher_parameters / student_parameters,
+            teachers=[
+                TeacherScore(
+                    id=record.id,
+                    weight=weight,
+                    accuracy=accuracy(
+                        torch.from_numpy(logits["test"]), torch.from_numpy(data.y_test)
+                    ),
+                )
+                for record, weight, logits in zip(
+                    self.inputs.teachers, self.weights, self.per_teacher, strict=True
+                )
+            ],
+            best_epoch=outcome.state.best_epoch,
+            best_val_accuracy=outcome.state.best_val_accuracy,
+            epochs_run=outcome.state.epoch,
+            early_stopped=outcome.early_stopped,
+            resumed_from_epoch=self.resumed_from_epoch,
+            teacher_outputs_cached=all(self.cache_hits),
+            label_free=data.y_train is None,
+            train_samples=len(self.train_split),
+            val_samples=len(self.val_split),
+            test_samples=len(test),
+            device=str(self.inputs.device),
+            cpu_threads=torch.get_num_threads(),
+        )
+
+    def export(self, result: JobResult) -> RecipeOutput:
+        """Write the artifact, then time student and teacher alike (ONNX, one CPU thread)."""
+        paths = write_artifact(
+            self.inputs.artifact_dir,
+            model=self.student,
+            signature=self.student_signature,
+            manifest_fields={
+                "job_id": self.inputs.job_id,
+                "student": self.spec.student.model_dump(mode="json"),
+                "metrics": result.model_dump(mode="json"),
+                "teachers": [
+                    {"id": t.id, "sha256": t.sha256, "format": t.format, "weight": w}
+                    for t, w in zip(self.inputs.teachers, self.weights, strict=True)
+                ],
+                "dataset": {"ref": self.spec.dataset, "sha256": self.dataset_digest},
+            },
+        )
+        student_latency = onnx_latency_ms(paths[ArtifactFormat.ONNX], self.student_signature)
+        # An ensemble answers once all its members have: their latencies add up.
+        teacher_latency = sum(backend.latency_ms() for backend in self.backends)
+        result = result.model_copy(
+            update={
+                "student_size_bytes": paths[ArtifactFormat.ONNX].stat().st_size,
+                "teacher_size_bytes": sum(t.size_bytes for t in self.inputs.teachers),
+                "student_latency_ms": student_latency,
+                "teacher_latency_ms": teacher_latency,
+                "speedup": teacher_latency / student_latency,
+            }
+        )
+        return RecipeOutput(result, paths)
+
+
+class _Checkpointing:
+    """The events, with every epoch's state saved to ``path`` (safetensors, atomically)."""
+
+    def __init__(self, events: RecipeEvents, path: Path) -> None:
+        self.events, self.path = events, path
+
+    def progress(self, fraction: float) -> None:
+        self.events.progress(fraction)
+
+    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        self.events.epoch_end(epoch, values)
+
+    def should_stop(self) -> bool:
+        return self.events.should_stop()
+
+    def save_checkpoint(self, state: LoopState) -> None:
+        save_checkpoint(state, self.path)
+        self.events.save_checkpoint(state)
