@@ -139,8 +139,15 @@ class DistillationRecipe:
         self.spec = inputs.spec
         self.weights = [w for _, w in inputs.spec.teacher_weights]
         # Every teacher of an ensemble shares its inputs and classes (checked at submission).
-        self.signature = ModelSignature.model_validate(inputs.teachers[0].signature)
-        self.student_signature = self.signature.with_classes(self._class_names())
+        self.signature = inputs.teachers[0].signature
+        # The student takes the teacher's inputs and always outputs logits, named as every
+        # artifact names them (`input`, `logits`), with the dataset's class names.
+        self.student_signature = ModelSignature.for_tensor(
+            self.signature.input_shape,
+            self.signature.num_classes,
+            classes=self._class_names(),
+            preprocessing=self.signature.preprocessing,
+        )
         self.backends: list[TeacherBackend] = []
         self.dataset_digest = ""
         self.per_teacher: list[dict[str, np.ndarray]] = []

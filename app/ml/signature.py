@@ -6,7 +6,6 @@ the Open Inference Protocol (KServe v2 / Triton) spells them; per-sample shapes 
 symbolic dimensions such as ``"sequence"``, and the batch dimension is implicit (always first).
 """
 
-import math
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -25,14 +24,6 @@ class Datatype(StrEnum):
     INT64 = "INT64"
     INT32 = "INT32"
     BYTES = "BYTES"
-
-
-NUMPY_DTYPES: dict[Datatype, str] = {
-    Datatype.FP32: "float32",
-    Datatype.FP16: "float16",
-    Datatype.INT64: "int64",
-    Datatype.INT32: "int32",
-}
 
 
 class OutputKind(StrEnum):
@@ -113,10 +104,8 @@ class TablePreprocessing(_Frozen):
     columns: list[ColumnEncoder] = Field(min_length=1)
 
 
-Preprocessing = Annotated[
-    RawTensors | ImagePreprocessing | TextPreprocessing | TablePreprocessing,
-    Field(discriminator="kind"),
-]
+AnyPreprocessing = RawTensors | ImagePreprocessing | TextPreprocessing | TablePreprocessing
+Preprocessing = Annotated[AnyPreprocessing, Field(discriminator="kind")]
 
 
 class SignatureMismatch(ValueError):
@@ -160,7 +149,7 @@ class ModelSignature(_Frozen):
         output_name: str = "logits",
         classes: list[str] | None = None,
         kind: OutputKind = OutputKind.LOGITS,
-        preprocessing: RawTensors | ImagePreprocessing | None = None,
+        preprocessing: AnyPreprocessing | None = None,
     ) -> "ModelSignature":
         """One float32 tensor in, class scores out: the shape of every model Distill built
         before signatures existed."""
@@ -197,17 +186,8 @@ class ModelSignature(_Frozen):
             )
         return shape
 
-    @property
-    def input_size(self) -> int:
-        return math.prod(self.input_shape)
-
     def describe_inputs(self) -> str:
         return ", ".join(f"{t.name}: {t.datatype} {t.shape}" for t in self.inputs)
-
-    def with_classes(self, classes: list[str]) -> "ModelSignature":
-        """The same signature with class names on its scores (``len(classes)`` must match)."""
-        scores = self.scores.model_copy(update={"classes": classes})
-        return self.model_validate({**self.model_dump(), "outputs": [scores, *self.outputs[1:]]})
 
 
 def check_compatible(model: ModelSignature, data: ModelSignature, *, field: str) -> None:

@@ -80,10 +80,11 @@ def test_accessors_and_json_round_trip() -> None:
     signature = ModelSignature.for_tensor(
         (3, 32, 32),
         3,
+        classes=["cat", "dog", "emu"],
         kind=OutputKind.PROBABILITIES,
         preprocessing=ImagePreprocessing(mean=[0.5] * 3, std=[0.25] * 3),
-    ).with_classes(["cat", "dog", "emu"])
-    assert signature.input_shape == (3, 32, 32) and signature.input_size == 3072
+    )
+    assert signature.input_shape == (3, 32, 32)
     assert signature.class_names == ["cat", "dog", "emu"]
     assert ModelSignature.for_tensor((4,), 2).class_names == ["0", "1"]
     assert ModelSignature.model_validate_json(signature.model_dump_json()) == signature
