@@ -15,11 +15,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.jobs.methods import KnowledgeDistillation  # noqa: E402
 from app.jobs.schemas import Training  # noqa: E402
-from app.ml.architectures import CnnSpec, MlpSpec, build_model, build_student  # noqa: E402
+from app.ml.signature import ModelSignature  # noqa: E402
+from app.ml.students import CnnSpec, MlpSpec, build_model, build_student  # noqa: E402
 from worker.evaluation import accuracy  # noqa: E402
-from worker.losses import KDLoss  # noqa: E402
-from worker.training.loop import Split, predict_logits, train  # noqa: E402
+from worker.losses import build_loss  # noqa: E402
+from worker.training.loop import Batch, LoopState, predict_logits, train  # noqa: E402
+
+# Fashion-MNIST's shape: one 28x28 grey image in, ten classes out.
+SIGNATURE = ModelSignature.for_tensor((1, 28, 28), 10)
 
 
 def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +32,7 @@ def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         from worker.data import load_builtin
 
         arrays = load_builtin("builtin:fashion-mnist")
+        assert arrays.y_train is not None  # the builtin set is labelled
         return torch.from_numpy(arrays.x_train[:n]), torch.from_numpy(arrays.y_train[:n])
     except Exception:  # no dataset files or no scikit-learn on the GPU host: synthetic images
         generator = torch.Generator().manual_seed(0)
@@ -37,6 +43,9 @@ def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Sink:
+    """The loop's callbacks: keeps each epoch's throughput, ignores the rest. (Not the recipe's
+    ``SilentEvents``: importing the recipe would need the database packages on the GPU host.)"""
+
     def __init__(self) -> None:
         self.rates: list[float] = []
 
@@ -46,29 +55,37 @@ class Sink:
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
         self.rates.append(values["samples_per_second"])
 
+    def should_stop(self) -> bool:
+        return False
+
+    def save_checkpoint(self, state: LoopState) -> None:
+        pass
+
+
+def batch(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> Batch:
+    return Batch(inputs={SIGNATURE.inputs[0].name: x}, labels=y, teacher_logits=logits)
+
 
 def run(device: torch.device, x: torch.Tensor, y: torch.Tensor, epochs: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    teacher = build_model(CnnSpec(channels=[32, 64], hidden_sizes=[512]), (1, 28, 28), 10)
+    teacher = build_model(CnnSpec(channels=[32, 64], hidden_sizes=[512]), SIGNATURE)
     teacher = teacher.to(device).eval().requires_grad_(False)
     x, y = x.to(device), y.to(device)
     logits = predict_logits(teacher, x)
     split = int(len(x) * 0.9)
-    train_split = Split(x[:split], y[:split], logits[:split])
-    val_split = Split(x[split:], y[split:], logits[split:])
-    student = build_student(MlpSpec(hidden_sizes=[128]), (1, 28, 28), 10, fit_inputs=x).to(device)
+    train_split = batch(x[:split], y[:split], logits[:split])
+    val_split = batch(x[split:], y[split:], logits[split:])
+    student = build_student(MlpSpec(hidden_sizes=[128]), SIGNATURE, fit_inputs=x).to(device)
     sink = Sink()
     if device.type == "cuda":
         torch.cuda.synchronize()
     train(
         student,
-        KDLoss(),
+        build_loss(KnowledgeDistillation()),
         train_split,
         val_split,
         Training(epochs=epochs, batch_size=512),
         sink,
-        lambda: False,
-        lambda state: None,
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
     )
     agreement = accuracy(predict_logits(student, val_split.x), val_split.teacher_logits.argmax(-1))

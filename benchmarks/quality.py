@@ -1,15 +1,15 @@
 """Student quality on Fashion-MNIST: the teacher, the student trained from scratch, and the student
 distilled with each method, over several seeds (mean and spread).
 
-Uses the worker's own loop, teacher-output cache and feature-method setup. The teacher is the
-example CNN: its ONNX graph gives the logits, its safetensors twin the hooked layers.
+Each run is a job spec run through the worker's own recipe (prepare, teacher outputs, train,
+evaluate), with one teacher-output cache for all runs. The teacher is the example CNN: its ONNX
+graph for the logit methods, its safetensors twin (same weights, hooked layers) for FitNets and AT.
 
     python benchmarks/quality.py --student mlp    # MLP [256], 20 epochs, the logit methods
     python benchmarks/quality.py --student cnn    # CNN [32, 64], 10 epochs, + FitNets and AT
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,19 +21,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.datasets.arrays import DatasetArrays  # noqa: E402
 from app.jobs.features import default_layer_pair  # noqa: E402
-from app.jobs.schemas import DistillationSpec, FeatureMethod, Training  # noqa: E402
-from app.ml.architectures import CnnSpec, MlpSpec, build_student, parameter_count  # noqa: E402
+from app.jobs.methods import FeatureMethod  # noqa: E402
+from app.jobs.schemas import DistillationSpec  # noqa: E402
 from app.ml.layers import feature_layers  # noqa: E402
+from app.ml.students import CnnSpec, MlpSpec, build_student, parameter_count  # noqa: E402
+from app.ml.teacher_formats import inspect_teacher  # noqa: E402
+from app.ml.teacher_formats.base import TeacherInfo  # noqa: E402
 from app.storage import sha256_file  # noqa: E402
-from app.teachers.inspection import TeacherConfig, inspect_teacher  # noqa: E402
 from worker.data import load_builtin  # noqa: E402
-from worker.evaluation import accuracy  # noqa: E402
-from worker.losses import build_loss  # noqa: E402
-from worker.pipeline import prepare_feature_method, split_validation, to_split  # noqa: E402
-from worker.teacher_cache import cache_key, cached_teacher_logits  # noqa: E402
-from worker.teachers import TeacherRunner  # noqa: E402
-from worker.training.loop import predict_logits, train  # noqa: E402
+from worker.recipe import DistillationRecipe, RecipeInputs  # noqa: E402
+from worker.teachers import TeacherRecord  # noqa: E402
+
+DATASET = "builtin:fashion-mnist"
 
 # "scratch" is the same student and loop with the teacher term switched off (plain cross-entropy).
 LOGIT_METHODS: dict[str, dict[str, object]] = {
@@ -58,12 +59,61 @@ STUDENTS: dict[str, tuple[MlpSpec | CnnSpec, int, dict[str, dict[str, object]]]]
 }
 
 
-class Quiet:
-    def progress(self, fraction: float) -> None:
-        pass
+def teacher_record(path: Path, config: Path | None = None) -> tuple[TeacherRecord, TeacherInfo]:
+    """The teacher as the API stores it (inspected, hashed) and as the worker reads it."""
+    info = inspect_teacher(path, path.name, None if config is None else config.read_text())
+    record = TeacherRecord(
+        id=path.name,
+        format=info.format,
+        sha256=sha256_file(path),
+        path=path,
+        size_bytes=path.stat().st_size,
+        parameter_count=info.parameter_count,
+        signature=info.signature,
+        architecture=info.architecture,
+    )
+    return record, info
 
-    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
-        pass
+
+def job_spec(
+    student: MlpSpec | CnnSpec, method: dict[str, object], training: dict[str, object], seed: int
+) -> DistillationSpec:
+    return DistillationSpec.model_validate(
+        {
+            "teacher": "t",
+            "dataset": DATASET,
+            "student": student.model_dump(),
+            "distillation": method,
+            "training": {**training, "seed": seed},
+        }
+    )
+
+
+def run_job(
+    spec: DistillationSpec,
+    teacher: TeacherRecord,
+    data: DatasetArrays,
+    cache_dir: Path,
+    work_dir: Path,
+) -> tuple[float, float]:
+    """The worker's recipe up to evaluation (no export: only accuracy is needed): the test
+    accuracy of the best epoch's student, and the teacher's."""
+    recipe = DistillationRecipe(
+        RecipeInputs(
+            job_id=f"quality-{spec.distillation.method}-{spec.training.seed}",
+            spec=spec,
+            teachers=[teacher],
+            data=data,
+            device=torch.device("cpu"),
+            artifact_dir=work_dir,
+            cache_dir=cache_dir,
+        )
+    )
+    recipe.prepare()
+    recipe.teacher_outputs()
+    outcome = recipe.train()
+    result = recipe.evaluate(outcome)
+    return result.student_accuracy, result.teacher_accuracy
 
 
 def main() -> None:
@@ -83,74 +133,52 @@ def main() -> None:
     if args.methods:
         methods = {name: methods[name] for name in args.methods}
 
-    data = load_builtin("builtin:fashion-mnist")
-    cpu = torch.device("cpu")
-    runner = TeacherRunner(args.teacher, "onnx", None, cpu)
-    config = json.loads(args.teacher.with_suffix(".config.json").read_text())
-    hooked = TeacherRunner(args.teacher.with_suffix(".safetensors"), "safetensors", config, cpu)
-    teacher_layers = feature_layers(
-        TeacherConfig.model_validate(config).architecture, data.input_shape, 10
+    data = load_builtin(DATASET)
+    # Logit methods use the ONNX graph; feature methods its safetensors twin (same weights, same
+    # logits), whose layers are hooked.
+    onnx_teacher, _ = teacher_record(args.teacher)
+    twin, twin_info = teacher_record(
+        args.teacher.with_suffix(".safetensors"), args.teacher.with_suffix(".config.json")
     )
-    with tempfile.TemporaryDirectory() as cache:
-        logits, _ = cached_teacher_logits(
-            Path(cache),
-            cache_key(sha256_file(args.teacher), data.digest()),
-            {"train": data.x_train, "test": data.x_test},
-            runner.logits,
-        )
-    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    labels = data.y_train
-    assert labels is not None
-    teacher_accuracy = accuracy(torch.from_numpy(logits["test"]), y_test)
-    teacher_parameters = inspect_teacher(args.teacher, args.teacher.name, None).parameter_count
+    signature = onnx_teacher.signature
+    student_layers = feature_layers(spec, signature)
     training = {"epochs": epochs, "batch_size": 128, "learning_rate": 1e-3, "schedule": "cosine"}
 
     results: dict[str, list[float]] = {}
+    teacher_accuracies: dict[str, float] = {}
     started = time.perf_counter()
-    for name, method in methods.items():
-        parsed = DistillationSpec.model_validate(
-            {"teacher": "t", "dataset": "d", "student": spec.model_dump(), "distillation": method}
-        ).distillation
-        for seed in args.seeds:
-            train_arrays, val_arrays = split_validation(data.x_train, labels, logits["train"], seed)
-            train_split, val_split = to_split(train_arrays, cpu), to_split(val_arrays, cpu)
-            torch.manual_seed(seed)
-            student = build_student(spec, data.input_shape, 10, fit_inputs=train_split.x)
-            if isinstance(spec, CnnSpec):
-                student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            tap = None
+    # One cache for every run: each teacher file runs over the dataset once.
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir, work_dir = Path(tmp) / "cache", Path(tmp) / "artifacts"
+        for name, method in methods.items():
+            parsed = job_spec(spec, method, training, 0).distillation
+            teacher = onnx_teacher
             if isinstance(parsed, FeatureMethod):
-                student_layers = feature_layers(spec, data.input_shape, 10)
-                parsed.layers = [default_layer_pair(parsed, teacher_layers, student_layers)]
-                train_split, loss_fn, tap = prepare_feature_method(
-                    parsed, hooked, train_split, student, spec
+                # Resolved as the API resolves a job's default layers at submission.
+                pair = default_layer_pair(parsed, twin_info.feature_layers, student_layers)
+                method = {**method, "layers": [pair.model_dump()]}
+                teacher = twin
+            for seed in args.seeds:
+                recipe_spec = job_spec(spec, method, training, seed)
+                accuracy, teacher_accuracy = run_job(
+                    recipe_spec, teacher, data, cache_dir, work_dir
                 )
-            else:
-                loss_fn = build_loss(**parsed.model_dump())
-            outcome = train(
-                student,
-                loss_fn,
-                train_split,
-                val_split,
-                Training(seed=seed, **training),
-                Quiet(),
-                lambda: False,
-                lambda state: None,
-                student_tap=tap,
-            )
-            if tap is not None:
-                tap.remove()
-            student.load_state_dict(outcome.state.best_state)
-            results.setdefault(name, []).append(accuracy(predict_logits(student, x_test), y_test))
-            print(f"{name:20} seed {seed}: {results[name][-1]:.4f}", flush=True)
+                results.setdefault(name, []).append(accuracy)
+                teacher_accuracies[teacher.format] = teacher_accuracy
+                print(f"{name:20} seed {seed}: {results[name][-1]:.4f}", flush=True)
 
-    parameters = parameter_count(build_student(spec, data.input_shape, 10))
+    parameters = parameter_count(build_student(spec, signature))
+    teacher_accuracy = (
+        teacher_accuracies.get(onnx_teacher.format) or teacher_accuracies[twin.format]
+    )
     print(
         f"\nFashion-MNIST test accuracy; {spec.architecture.upper()} student "
         f"{spec.model_dump(exclude={'architecture', 'dropout'})} ({parameters:,} parameters), "
         f"{epochs} epochs, cosine schedule, seeds {args.seeds}; "
         f"{time.perf_counter() - started:.0f} s"
     )
+    if len(set(teacher_accuracies.values())) > 1:
+        print(f"note: the teacher's formats disagree on its test accuracy: {teacher_accuracies}")
     print(f"{'':22}{'accuracy':>10}{'± sd':>8}{'retained':>10}{'compression':>13}")
     print(f"{'teacher (CNN)':22}{teacher_accuracy:10.4f}{'':8}{100.0:9.1f}%{1.0:12.1f}x")
     for name, values in results.items():
@@ -158,7 +186,7 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(
             f"{name:22}{mean:10.4f}{spread:8.4f}{100 * mean / teacher_accuracy:9.1f}%"
-            f"{teacher_parameters / parameters:12.1f}x"
+            f"{onnx_teacher.parameter_count / parameters:12.1f}x"
         )
 
 

@@ -10,7 +10,6 @@ fused optimiser). Only ratios measured in this one run are meaningful; the machi
 """
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -18,7 +17,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,16 +24,28 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.jobs.schemas import Training  # noqa: E402
-from app.ml.architectures import MlpSpec, build_student  # noqa: E402
+from app.datasets.arrays import DatasetArrays  # noqa: E402
+from app.jobs.methods import KnowledgeDistillation  # noqa: E402
+from app.jobs.schemas import DistillationSpec, Training  # noqa: E402
+from app.ml.signature import ModelSignature  # noqa: E402
+from app.ml.students import MlpSpec, build_student  # noqa: E402
+from app.ml.teacher_formats import inspect_teacher  # noqa: E402
+from app.ml.teacher_formats.safetensors import TorchTeacher  # noqa: E402
+from app.storage import sha256_file  # noqa: E402
 from worker.evaluation import accuracy  # noqa: E402
-from worker.losses import KDLoss  # noqa: E402
-from worker.pipeline import split_validation  # noqa: E402
-from worker.teacher_cache import cache_key, cached_teacher_logits  # noqa: E402
-from worker.teachers import TeacherRunner  # noqa: E402
-from worker.training.loop import Split, predict_logits, train  # noqa: E402
+from worker.losses import build_loss  # noqa: E402
+from worker.recipe import (  # noqa: E402
+    DistillationRecipe,
+    RecipeInputs,
+    SilentEvents,
+    split_validation,
+)
+from worker.teachers import TeacherRecord  # noqa: E402
+from worker.training.loop import predict_logits  # noqa: E402
 
+DATASET = "builtin:fashion-mnist"
 STUDENT = MlpSpec(hidden_sizes=[128])
+METHOD = KnowledgeDistillation(temperature=4.0, alpha=0.9)
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -61,6 +71,7 @@ def student_train_flops_per_sample(model: nn.Module) -> float:
 
 def plain_loop(
     teacher: nn.Module,
+    signature: ModelSignature,
     x: torch.Tensor,
     y: torch.Tensor,
     x_test: torch.Tensor,
@@ -72,9 +83,9 @@ def plain_loop(
 ) -> tuple[float, list[float], float]:
     """The loop as usually written: DataLoader, teacher forward under no_grad at every step."""
     torch.manual_seed(seed)
-    student = build_student(STUDENT, (1, 28, 28), 10, fit_inputs=x)
+    student = build_student(STUDENT, signature, fit_inputs=x)
     optimizer = torch.optim.Adam(student.parameters(), lr=learning_rate)
-    loss_fn = KDLoss(4.0, 0.9)
+    loss_fn = build_loss(METHOD)
     loader = DataLoader(
         TensorDataset(x, y),
         batch_size=batch_size,
@@ -98,63 +109,74 @@ def plain_loop(
     return total, epoch_seconds, accuracy(predict_logits(student, x_test), y_test)
 
 
-class EpochTimes:
+class EpochTimes(SilentEvents):
     def __init__(self) -> None:
         self.seconds: list[float] = []
-
-    def progress(self, fraction: float) -> None:
-        pass
 
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
         self.seconds.append(values["epoch_seconds"])
 
 
+def teacher_record(path: Path, config: Path | None = None) -> TeacherRecord:
+    """The teacher as the API stores it (inspected, hashed) and as the worker reads it."""
+    info = inspect_teacher(path, path.name, None if config is None else config.read_text())
+    return TeacherRecord(
+        id=path.name,
+        format=info.format,
+        sha256=sha256_file(path),
+        path=path,
+        size_bytes=path.stat().st_size,
+        parameter_count=info.parameter_count,
+        signature=info.signature,
+        architecture=info.architecture,
+    )
+
+
 def engine(
-    runner: TeacherRunner,
-    teacher_sha: str,
+    teacher: TeacherRecord,
     cache_dir: Path,
-    data: object,
+    data: DatasetArrays,
     epochs: int,
     batch_size: int,
     learning_rate: float,
     seed: int,
 ) -> tuple[float, list[float], float, bool]:
-    """The worker's path: cached teacher outputs, then the engine's loop; best-val student."""
-    started = time.perf_counter()
-    logits, hit = cached_teacher_logits(
-        cache_dir,
-        cache_key(teacher_sha, data.digest()),  # type: ignore[attr-defined]
-        {"train": data.x_train, "test": data.x_test},
-        runner.logits,  # type: ignore[attr-defined]
+    """The worker's recipe: cached teacher outputs, then the engine's loop; best-val student."""
+    spec = DistillationSpec(
+        teacher=teacher.id,
+        dataset=DATASET,
+        student=STUDENT,
+        distillation=METHOD,
+        training=Training(
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+        ),
     )
-    train_arrays, val_arrays = split_validation(
-        data.x_train,
-        data.y_train,
-        logits["train"],
-        seed,  # type: ignore[attr-defined]
-    )
-    train_split = Split(*(torch.from_numpy(np.ascontiguousarray(a)) for a in train_arrays))
-    val_split = Split(*(torch.from_numpy(np.ascontiguousarray(a)) for a in val_arrays))
-    torch.manual_seed(seed)
-    student = build_student(STUDENT, (1, 28, 28), 10, fit_inputs=train_split.x)
     times = EpochTimes()
-    training = Training(
-        epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+    recipe = DistillationRecipe(
+        RecipeInputs(
+            job_id="train-speed",
+            spec=spec,
+            teachers=[teacher],
+            data=data,
+            device=torch.device("cpu"),
+            artifact_dir=cache_dir / "artifact",  # unused: no export
+            cache_dir=cache_dir,
+        ),
+        events=times,
     )
-    outcome = train(
-        student,
-        KDLoss(4.0, 0.9),
-        train_split,
-        val_split,
-        training,
-        times,
-        lambda: False,
-        lambda state: None,
-    )
-    student.load_state_dict(outcome.state.best_state)
-    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)  # type: ignore[attr-defined]
-    test_accuracy = accuracy(predict_logits(student, x_test), y_test)
-    return time.perf_counter() - started, times.seconds, test_accuracy, hit
+    # Opening the teacher stays outside the timing, as for the plain loop's teacher.
+    recipe.prepare()
+    started = time.perf_counter()
+    recipe.teacher_outputs()
+    recipe.train()  # leaves the best epoch's state in recipe.student
+    test = recipe.test_split
+    test_accuracy = accuracy(predict_logits(recipe.student, test.x), test.labels)
+    return time.perf_counter() - started, times.seconds, test_accuracy, all(recipe.cache_hits)
+
+
+def later(seconds: list[float]) -> float:
+    """The median epoch after the first (which pays for warm-up), or the only one."""
+    return statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
 
 
 def main() -> None:
@@ -169,17 +191,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from app.storage import sha256_file
     from worker.data import load_builtin
 
-    data = load_builtin("builtin:fashion-mnist")
-    onnx_path = args.teacher.with_suffix(".onnx")
-    weights = args.teacher.with_suffix(".safetensors")
-    config = json.loads(args.teacher.with_suffix(".config.json").read_text())
-    cpu = torch.device("cpu")
-    torch_teacher_runner = TeacherRunner(weights, "safetensors", config, cpu)
-    assert torch_teacher_runner.model is not None
-    onnx_runner = TeacherRunner(onnx_path, "onnx", None, cpu)
+    data = load_builtin(DATASET)
+    assert data.y_train is not None
+    onnx_teacher = teacher_record(args.teacher.with_suffix(".onnx"))
+    torch_teacher = teacher_record(
+        args.teacher.with_suffix(".safetensors"), args.teacher.with_suffix(".config.json")
+    )
+    signature = onnx_teacher.signature
+    torch_backend = torch_teacher.open(torch.device("cpu"))
+    assert isinstance(torch_backend, TorchTeacher)
 
     peak = matmul_peak_gflops()
     # The plain loop trains on the same examples as the engine (its validation split held out).
@@ -189,7 +211,8 @@ def main() -> None:
 
     rows = []
     plain_total, plain_epochs, plain_acc = plain_loop(
-        torch_teacher_runner.model,
+        torch_backend.model,
+        signature,
         x,
         y,
         x_test,
@@ -212,24 +235,22 @@ def main() -> None:
             learning_rate=args.learning_rate,
             seed=args.seed,
         )
-        onnx_sha = sha256_file(onnx_path)
         for label, expect_hit in (
             ("engine, uncached (teacher pass included)", False),
             ("engine, cached teacher outputs", True),
         ):
-            total, epochs, acc, hit = run_engine(onnx_runner, onnx_sha)
+            total, epochs, acc, hit = run_engine(onnx_teacher)
             assert hit == expect_hit
             rows.append((label, total, epochs, acc))
         if not args.skip_torch_teacher:
-            total, epochs, acc, _ = run_engine(torch_teacher_runner, sha256_file(weights))
+            total, epochs, acc, _ = run_engine(torch_teacher)
             rows.append(
                 ("engine, uncached, torch teacher instead of onnxruntime", total, epochs, acc)
             )
 
     n = len(x)
-    flops = student_train_flops_per_sample(build_student(STUDENT, (1, 28, 28), 10)) * n
+    flops = student_train_flops_per_sample(build_student(STUDENT, signature)) * n
     ideal = flops / (peak * 1e9)
-    later = lambda seconds: statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]  # noqa: E731
     print(
         f"\nFashion-MNIST, MLP {STUDENT.hidden_sizes} student, {args.epochs} epochs, batch "
         f"{args.batch_size}, Adam {args.learning_rate:g}, {n:,} training samples, "

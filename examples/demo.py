@@ -20,7 +20,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.datasets.builtin import fashion_mnist_dir  # noqa: E402
+from app.datasets.builtins import is_available  # noqa: E402
 from worker.data import load_builtin  # noqa: E402
 
 
@@ -59,8 +59,9 @@ def follow(client: httpx.Client, job_id: str) -> dict[str, object]:
     while True:
         job = check(client.get(f"/v1/jobs/{job_id}"))
         metrics = job["latest_metrics"] or {}
-        assert isinstance(metrics, dict)
-        line = f"  {job['status']:<10} {job['phase']:<16} {100 * float(job['progress']):5.1f}%"
+        progress = job["progress"]
+        assert isinstance(metrics, dict) and isinstance(progress, int | float)
+        line = f"  {job['status']:<10} {job['phase']:<16} {100 * progress:5.1f}%"
         if metrics:
             line += (
                 f"  epoch {metrics['epoch']}: val accuracy {metrics['val_accuracy']:.4f}, "
@@ -114,7 +115,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    dataset = "builtin:fashion-mnist" if fashion_mnist_dir() else "builtin:digits"
+    dataset = "builtin:fashion-mnist" if is_available("builtin:fashion-mnist") else "builtin:digits"
     epochs = args.epochs or (5 if dataset == "builtin:fashion-mnist" else 30)
     name = dataset.removeprefix("builtin:")
     teacher_path = ROOT / "examples" / f"{name}_teacher.onnx"

@@ -23,8 +23,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from app.ml.architectures import CnnSpec, build_model, parameter_count
-from worker.data import DatasetArrays, load_builtin
+from app.datasets.arrays import DatasetArrays
+from app.ml.signature import ModelSignature
+from app.ml.students import CnnSpec, build_model, family_of, parameter_count
+from app.ml.teacher_formats.safetensors import TeacherConfig
+from worker.data import load_builtin
 
 SPEC = CnnSpec(channels=[32, 64], hidden_sizes=[512], dropout=0.3)
 BATCH_SIZE = 128
@@ -64,10 +67,9 @@ def train(data: DatasetArrays, epochs: int, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    model = build_model(SPEC, data.input_shape, len(data.classes))
-    # channels_last makes oneDNN's convolutions markedly faster on CPU (torch's stubs omit the
-    # memory_format keyword, hence the ignores).
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = build_model(SPEC, ModelSignature.for_tensor(data.input_shape, len(data.classes)))
+    # channels_last (the cnn family's layout) makes oneDNN's convolutions markedly faster on CPU.
+    family_of(SPEC).apply_memory_format(model)
     steps_per_epoch = -(-len(x_train) // BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -102,12 +104,11 @@ def save_weights(model: nn.Module, data: DatasetArrays, out: Path) -> tuple[Path
     weights = out.with_suffix(".safetensors")
     config = out.with_suffix(".config.json")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    teacher_config = {
-        "architecture": SPEC.model_dump(mode="json"),
-        "input_shape": list(data.input_shape),
-        "num_classes": len(data.classes),
-    }
-    config.write_text(json.dumps(teacher_config, indent=2) + "\n")
+    # Validated as Distill will validate the upload's `config` form field.
+    teacher_config = TeacherConfig(
+        architecture=SPEC, input_shape=list(data.input_shape), num_classes=len(data.classes)
+    )
+    config.write_text(json.dumps(teacher_config.model_dump(mode="json"), indent=2) + "\n")
     return weights, config
 
 
