@@ -10,6 +10,7 @@ graph for the logit methods, its safetensors twin (same weights, hooked layers) 
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -27,9 +28,7 @@ from app.jobs.methods import FeatureMethod  # noqa: E402
 from app.jobs.schemas import DistillationSpec  # noqa: E402
 from app.ml.layers import feature_layers  # noqa: E402
 from app.ml.students import CnnSpec, MlpSpec, build_student, parameter_count  # noqa: E402
-from app.ml.teacher_formats import inspect_teacher  # noqa: E402
-from app.ml.teacher_formats.base import TeacherInfo  # noqa: E402
-from app.storage import sha256_file  # noqa: E402
+from app.ml.teacher_formats.safetensors import TeacherConfig  # noqa: E402
 from worker.data import load_builtin  # noqa: E402
 from worker.recipe import DistillationRecipe, RecipeInputs  # noqa: E402
 from worker.teachers import TeacherRecord  # noqa: E402
@@ -57,22 +56,6 @@ STUDENTS: dict[str, tuple[MlpSpec | CnnSpec, int, dict[str, dict[str, object]]]]
         },
     ),
 }
-
-
-def teacher_record(path: Path, config: Path | None = None) -> tuple[TeacherRecord, TeacherInfo]:
-    """The teacher as the API stores it (inspected, hashed) and as the worker reads it."""
-    info = inspect_teacher(path, path.name, None if config is None else config.read_text())
-    record = TeacherRecord(
-        id=path.name,
-        format=info.format,
-        sha256=sha256_file(path),
-        path=path,
-        size_bytes=path.stat().st_size,
-        parameter_count=info.parameter_count,
-        signature=info.signature,
-        architecture=info.architecture,
-    )
-    return record, info
 
 
 def job_spec(
@@ -136,12 +119,15 @@ def main() -> None:
     data = load_builtin(DATASET)
     # Logit methods use the ONNX graph; feature methods its safetensors twin (same weights, same
     # logits), whose layers are hooked.
-    onnx_teacher, _ = teacher_record(args.teacher)
-    twin, twin_info = teacher_record(
-        args.teacher.with_suffix(".safetensors"), args.teacher.with_suffix(".config.json")
+    onnx_teacher = TeacherRecord.from_file(args.teacher)
+    twin = TeacherRecord.from_file(
+        args.teacher.with_suffix(".safetensors"),
+        json.loads(args.teacher.with_suffix(".config.json").read_text()),
     )
     signature = onnx_teacher.signature
     student_layers = feature_layers(spec, signature)
+    twin_config = TeacherConfig.model_validate(twin.architecture)
+    teacher_layers = feature_layers(twin_config.architecture, twin.signature)
     training = {"epochs": epochs, "batch_size": 128, "learning_rate": 1e-3, "schedule": "cosine"}
 
     results: dict[str, list[float]] = {}
@@ -155,7 +141,7 @@ def main() -> None:
             teacher = onnx_teacher
             if isinstance(parsed, FeatureMethod):
                 # Resolved as the API resolves a job's default layers at submission.
-                pair = default_layer_pair(parsed, twin_info.feature_layers, student_layers)
+                pair = default_layer_pair(parsed, teacher_layers, student_layers)
                 method = {**method, "layers": [pair.model_dump()]}
                 teacher = twin
             for seed in args.seeds:

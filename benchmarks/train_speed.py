@@ -10,6 +10,7 @@ fused optimiser). Only ratios measured in this one run are meaningful; the machi
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -29,9 +30,7 @@ from app.jobs.methods import KnowledgeDistillation  # noqa: E402
 from app.jobs.schemas import DistillationSpec, Training  # noqa: E402
 from app.ml.signature import ModelSignature  # noqa: E402
 from app.ml.students import MlpSpec, build_student  # noqa: E402
-from app.ml.teacher_formats import inspect_teacher  # noqa: E402
 from app.ml.teacher_formats.safetensors import TorchTeacher  # noqa: E402
-from app.storage import sha256_file  # noqa: E402
 from worker.evaluation import accuracy  # noqa: E402
 from worker.losses import build_loss  # noqa: E402
 from worker.recipe import (  # noqa: E402
@@ -117,21 +116,6 @@ class EpochTimes(SilentEvents):
         self.seconds.append(values["epoch_seconds"])
 
 
-def teacher_record(path: Path, config: Path | None = None) -> TeacherRecord:
-    """The teacher as the API stores it (inspected, hashed) and as the worker reads it."""
-    info = inspect_teacher(path, path.name, None if config is None else config.read_text())
-    return TeacherRecord(
-        id=path.name,
-        format=info.format,
-        sha256=sha256_file(path),
-        path=path,
-        size_bytes=path.stat().st_size,
-        parameter_count=info.parameter_count,
-        signature=info.signature,
-        architecture=info.architecture,
-    )
-
-
 def engine(
     teacher: TeacherRecord,
     cache_dir: Path,
@@ -195,9 +179,10 @@ def main() -> None:
 
     data = load_builtin(DATASET)
     assert data.y_train is not None
-    onnx_teacher = teacher_record(args.teacher.with_suffix(".onnx"))
-    torch_teacher = teacher_record(
-        args.teacher.with_suffix(".safetensors"), args.teacher.with_suffix(".config.json")
+    onnx_teacher = TeacherRecord.from_file(args.teacher.with_suffix(".onnx"))
+    torch_teacher = TeacherRecord.from_file(
+        args.teacher.with_suffix(".safetensors"),
+        json.loads(args.teacher.with_suffix(".config.json").read_text()),
     )
     signature = onnx_teacher.signature
     torch_backend = torch_teacher.open(torch.device("cpu"))

@@ -74,11 +74,18 @@ def test_unknown_teacher_and_dataset(client: TestClient, teacher_id: object) -> 
     assert (response.status_code, response.json()["field"]) == (422, "dataset")
 
 
-def test_dataset_shape_must_match_teacher(client: TestClient, teacher_id: object) -> None:
-    response = client.post("/v1/jobs", json=job_body(teacher_id, dataset="builtin:fashion-mnist"))
+@pytest.mark.parametrize("shape", [(1, 28, 28), (64,), (8, 8)])
+def test_dataset_shape_must_match_teacher(
+    client: TestClient, teacher_id: object, shape: tuple[int, ...]
+) -> None:
+    x = np.zeros((20, *shape), dtype=np.float32)
+    upload = npz_bytes(x=x, y=np.arange(20) % 10)
+    dataset = client.post("/v1/datasets", files={"file": ("d.npz", upload)}).json()["ref"]
+    response = client.post("/v1/jobs", json=job_body(teacher_id, dataset=dataset))
     assert response.status_code == 422
-    assert response.json()["field"] == "dataset"
-    assert "[1, 28, 28]" in response.json()["detail"]
+    problem = response.json()
+    assert (problem["code"], problem["field"]) == ("invalid_spec", "dataset")
+    assert str(list(shape)) in problem["detail"] and "[1, 8, 8]" in problem["detail"]
 
 
 def test_dataset_classes_must_fit_teacher_outputs(client: TestClient, teacher_id: object) -> None:
