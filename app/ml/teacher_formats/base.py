@@ -12,6 +12,10 @@ from app.ml.layers import FeatureLayer
 from app.ml.signature import ModelSignature
 
 OnBatch = Callable[[], None] | None
+# Teacher passes run in batches of this many samples. On CPU, a convolutional teacher runs 4x
+# faster per sample at 128 than at 1024 (measured on the example teacher: its activations stay in
+# cache), and onnxruntime is no slower.
+BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,20 @@ class TeacherInfo:
 class TeacherBackend(Protocol):
     """A loaded teacher, frozen (eval mode, no gradients), run on float32 numpy batches."""
 
-    def logits(self, x: np.ndarray, batch_size: int = 1024, on_batch: OnBatch = None) -> np.ndarray:
+    def logits(
+        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
+    ) -> np.ndarray:
         """Class scores ``[N, classes]`` float32 for inputs ``[N, *input_shape]``.
 
         ``on_batch`` runs before every batch (the worker's heartbeat on long passes)."""
         ...
 
     def features(
-        self, x: np.ndarray, names: list[str], batch_size: int = 1024, on_batch: OnBatch = None
+        self,
+        x: np.ndarray,
+        names: list[str],
+        batch_size: int = BATCH_SIZE,
+        on_batch: OnBatch = None,
     ) -> list[np.ndarray]:
         """The outputs at ``names`` (``feature_layers`` names) for every sample, float32."""
         ...

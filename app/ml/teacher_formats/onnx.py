@@ -15,7 +15,7 @@ from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
 from app.ml.onnx_io import onnx_latency_ms
 from app.ml.signature import ModelSignature
-from app.ml.teacher_formats.base import OnBatch, TeacherInfo, fill_batches
+from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, fill_batches
 
 
 def _static_dims(shape: list[Any], what: str) -> list[int]:
@@ -40,11 +40,17 @@ class OnnxTeacher:
     def _run(self, names: list[str] | None, batch: np.ndarray) -> list[np.ndarray]:
         return list(self.session.run(names, {self.input_name: batch}))
 
-    def logits(self, x: np.ndarray, batch_size: int = 1024, on_batch: OnBatch = None) -> np.ndarray:
+    def logits(
+        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
+    ) -> np.ndarray:
         return fill_batches(x, batch_size, lambda b: self._run(None, b)[:1], on_batch)[0]
 
     def features(
-        self, x: np.ndarray, names: list[str], batch_size: int = 1024, on_batch: OnBatch = None
+        self,
+        x: np.ndarray,
+        names: list[str],
+        batch_size: int = BATCH_SIZE,
+        on_batch: OnBatch = None,
     ) -> list[np.ndarray]:
         return fill_batches(x, batch_size, lambda b: self._run(names, b), on_batch)
 

@@ -17,8 +17,8 @@ from app.ml.hooks import FeatureTap
 from app.ml.layers import feature_layers
 from app.ml.onnx_io import export_onnx, onnx_latency_ms
 from app.ml.signature import ModelSignature
-from app.ml.students import StudentSpec, build_model, parameter_count
-from app.ml.teacher_formats.base import OnBatch, TeacherInfo, fill_batches
+from app.ml.students import StudentSpec, build_model, family_of, parameter_count
+from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, fill_batches
 
 MAX_HEADER = 100 * 1024 * 1024
 CONFIG_HELP = (
@@ -53,11 +53,17 @@ class TorchTeacher:
             outputs = [self.model(x)] if tap is None else tap(x)[1]
         return [t.float().cpu().numpy() for t in outputs]
 
-    def logits(self, x: np.ndarray, batch_size: int = 1024, on_batch: OnBatch = None) -> np.ndarray:
+    def logits(
+        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
+    ) -> np.ndarray:
         return fill_batches(x, batch_size, self._forward, on_batch)[0]
 
     def features(
-        self, x: np.ndarray, names: list[str], batch_size: int = 1024, on_batch: OnBatch = None
+        self,
+        x: np.ndarray,
+        names: list[str],
+        batch_size: int = BATCH_SIZE,
+        on_batch: OnBatch = None,
     ) -> list[np.ndarray]:
         tap = FeatureTap(self.model, names)
         try:
@@ -145,6 +151,8 @@ class SafetensorsFormat:
         teacher_config = TeacherConfig.model_validate(architecture)
         model = build_model(teacher_config.architecture, signature)
         model.load_state_dict(load_file(str(path)))
+        # The family's layout (channels-last convolutions) speeds the teacher as it does students.
+        family_of(teacher_config.architecture).apply_memory_format(model)
         return TorchTeacher(model, signature, device)
 
 
