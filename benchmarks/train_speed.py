@@ -187,6 +187,9 @@ def main() -> None:
     signature = onnx_teacher.signature
     torch_backend = torch_teacher.open(torch.device("cpu"))
     assert isinstance(torch_backend, TorchTeacher)
+    # The plain loop's teacher as usually loaded: the default (NCHW) layout, not the engine's
+    # channels-last.
+    plain_teacher = torch_backend.model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
     peak = matmul_peak_gflops()
     # The plain loop trains on the same examples as the engine (its validation split held out).
@@ -196,7 +199,7 @@ def main() -> None:
 
     rows = []
     plain_total, plain_epochs, plain_acc = plain_loop(
-        torch_backend.model,
+        plain_teacher,
         signature,
         x,
         y,

@@ -90,6 +90,8 @@ def test_stored_rows_get_signatures_and_ensemble_memberships_and_back(stack: Sta
             assert ModelSignature.model_validate(dataset.signature) == (
                 ModelSignature.for_tensor((4,), 3)
             )
+            job = session.get(Job, "j1")
+            assert job is not None and job.teacher_id == "t1"  # no cascade from rebuilt tables
             members = session.scalars(select(JobTeacher).order_by(JobTeacher.position))
             assert [(m.teacher_id, m.weight) for m in members] == [("t1", 0.75), ("t2", 0.25)]
 
@@ -104,6 +106,8 @@ def test_stored_rows_get_signatures_and_ensemble_memberships_and_back(stack: Sta
                 for r in rows
             ]
             assert restored == [("t1", [1, 8, 8], 10, "pixels"), ("t2", [1, 8, 8], 10, "input")]
+            job_teacher = connection.execute(text("SELECT teacher_id FROM jobs")).scalar_one()
+            assert job_teacher == "t1"
     finally:
         command.upgrade(config, "head")
         get_engine().dispose()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from app.errors import InvalidDataset
+from app.ml.signature import MAX_RANK
 
 ALLOWED_ARRAYS = {"x", "y", "x_test", "y_test"}
 MAX_CLASSES = 100_000
@@ -83,10 +84,10 @@ def _check_archive(path: Path, max_bytes: int) -> None:
 
 
 def _inputs(a: np.ndarray, name: str) -> np.ndarray:
-    if a.dtype.kind not in "fiub" or a.ndim < 2:
+    if a.dtype.kind not in "fiub" or not 2 <= a.ndim <= MAX_RANK + 1 or 0 in a.shape[1:]:
         raise InvalidDataset(
-            f"`{name}` must be a numeric array shaped [samples, features...]; got dtype {a.dtype} "
-            f"and shape {list(a.shape)}.",
+            f"`{name}` must be a numeric array shaped [samples, features...] (1 to {MAX_RANK} "
+            f"non-empty feature dimensions); got dtype {a.dtype} and shape {list(a.shape)}.",
             field=name,
         )
     x = a.astype(np.float32)

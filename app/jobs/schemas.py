@@ -89,29 +89,30 @@ class JobResult(BaseModel):
 
     Accuracies are fractions in [0, 1]; `kl_to_teacher` is in nats at temperature 1; ECE uses
     15 equal-width confidence bins (Guo et al. 2017); latencies are median single-sample
-    milliseconds on onnxruntime with one CPU thread, for student and teacher alike.
+    milliseconds on onnxruntime with one CPU thread, for student and teacher alike. Figures that
+    jobs of earlier versions did not measure are null (or empty) for them.
     """
 
     student_accuracy: float
     teacher_accuracy: float
     accuracy_retained: float | None = Field(description="Percent of the teacher's accuracy.")
     agreement: float = Field(description="Fraction of samples where student and teacher agree.")
-    kl_to_teacher: float
-    student_ece: float
-    teacher_ece: float
-    student_per_class_accuracy: list[float | None]
-    teacher_per_class_accuracy: list[float | None]
+    kl_to_teacher: float | None = None
+    student_ece: float | None = None
+    teacher_ece: float | None = None
+    student_per_class_accuracy: list[float | None] = []
+    teacher_per_class_accuracy: list[float | None] = []
     student_parameters: int
     teacher_parameters: int
     compression_ratio: float = Field(description="Teacher parameters / student parameters.")
-    teachers: list[TeacherScore]
+    teachers: list[TeacherScore] = []
     best_epoch: int
     best_val_accuracy: float
-    epochs_run: int
-    early_stopped: bool
-    resumed_from_epoch: int | None
-    teacher_outputs_cached: bool
-    label_free: bool
+    epochs_run: int | None = None
+    early_stopped: bool = False
+    resumed_from_epoch: int | None = None
+    teacher_outputs_cached: bool = False
+    label_free: bool = False
     train_samples: int
     val_samples: int
     test_samples: int

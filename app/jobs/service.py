@@ -16,6 +16,10 @@ from app.models import Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
 
 
+def _tensors(signature: ModelSignature) -> tuple[object, ...]:
+    return (*((t.datatype, t.shape) for t in signature.inputs), signature.num_classes)
+
+
 def validate_spec(session: Session, spec: DistillationSpec) -> None:
     """Everything that can be checked before queueing, so a mistake is a 422, not a failed job.
 
@@ -31,10 +35,8 @@ def validate_spec(session: Session, spec: DistillationSpec) -> None:
     signature = ModelSignature.model_validate(teachers[0].signature)
     for other in teachers[1:]:
         other_signature = ModelSignature.model_validate(other.signature)
-        if (other_signature.inputs, other_signature.num_classes) != (
-            signature.inputs,
-            signature.num_classes,
-        ):
+        # Names may differ (each backend feeds its own); the tensors and classes may not.
+        if _tensors(other_signature) != _tensors(signature):
             raise InvalidSpec(
                 f"An ensemble's teachers must share inputs and classes: {teachers[0].id} takes "
                 f"{signature.describe_inputs()} with {signature.num_classes} classes, {other.id} "

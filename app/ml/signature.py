@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SymbolicDim = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$", max_length=32)]
-Dim = Annotated[int, Field(ge=1, le=1 << 20)] | SymbolicDim
+Dim = Annotated[int, Field(ge=1)] | SymbolicDim
+MAX_RANK = 16  # per-sample dimensions of one tensor
 
 
 class Datatype(StrEnum):
@@ -47,7 +48,8 @@ class TensorSpec(_Frozen):
     name: str = Field(min_length=1, max_length=255)
     datatype: Datatype = Datatype.FP32
     shape: list[Dim] = Field(
-        max_length=8, description="Per sample, without the batch dimension; names are symbolic."
+        max_length=MAX_RANK,
+        description="Per sample, without the batch dimension; names are symbolic.",
     )
 
     @property

@@ -52,6 +52,8 @@ def test_valid_upload_with_and_without_test_split(client: TestClient) -> None:
         ({"x": np.zeros((3, 2)), "y": np.array([0.5, 1.0, 1.0])}, "integer"),
         ({"x": np.zeros((3, 2)), "y": np.array([0, 1])}, "2 labels for 3 samples"),
         ({"x": np.zeros(3), "y": np.array([0, 1, 1])}, "shaped [samples"),
+        ({"x": np.zeros((3, 0)), "y": np.array([0, 1, 1])}, "non-empty feature dimensions"),
+        ({"x": np.zeros((3,) + (1,) * 17), "y": np.array([0, 1, 1])}, "1 to 16"),
         ({"y": np.array([0, 1])}, "no `x`"),
         ({"x": np.zeros((3, 2)), "y": np.array([0, 1, 1]), "x_test": np.zeros((2, 2))}, "both"),
         (

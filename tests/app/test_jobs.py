@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
+from app.jobs.schemas import JobResult
 from app.ml.signature import ModelSignature
 from app.ml.students import MlpSpec, build_model
 from tests.helpers.api import job_body, npz_bytes, upload_teacher
@@ -197,6 +199,25 @@ def test_ensemble_of_teachers(client: TestClient, digits_teacher: TeacherFiles) 
     assert client.delete(f"/v1/teachers/{second}").status_code == 409  # in use by the job
 
 
+def test_ensemble_members_may_name_their_inputs_differently(
+    client: TestClient, digits_teacher: TeacherFiles, tmp_path: Path
+) -> None:
+    """Each backend feeds its own input name: only datatypes, shapes and classes must agree."""
+    model = onnx.load(str(digits_teacher.onnx))
+    old, new = model.graph.input[0].name, "pixels"
+    model.graph.input[0].name = new
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+    onnx.save(model, str(tmp_path / "pixels.onnx"))
+    renamed = TeacherFiles(tmp_path / "pixels.onnx", digits_teacher.safetensors, {}, 0.0)
+    first = upload_teacher(client, renamed)
+    assert first["signature"]["inputs"][0]["name"] == "pixels"
+    second = upload_teacher(client, digits_teacher)["id"]
+    body = job_body(None, teachers=[{"id": first["id"]}, {"id": second}])
+    del body["teacher"]
+    assert client.post("/v1/jobs", json=body).status_code == 202
+
+
 def test_ensemble_teachers_must_agree(
     client: TestClient, digits_teacher: TeacherFiles, tmp_path: Path
 ) -> None:
@@ -232,3 +253,31 @@ def test_exactly_one_way_to_name_teachers(
         del body["teacher"]
         body["teachers"] = teachers  # an ensemble of one
     assert client.post("/v1/jobs", json=body).status_code == 422
+
+
+def test_results_stored_by_the_first_version_are_still_served() -> None:
+    """`GET /v1/jobs` validates every stored result: one from before later figures existed must
+    not fail the whole page."""
+    first_version = {
+        "student_accuracy": 0.9,
+        "teacher_accuracy": 0.95,
+        "accuracy_retained": 94.7,
+        "agreement": 0.93,
+        "student_parameters": 100,
+        "teacher_parameters": 1000,
+        "compression_ratio": 10.0,
+        "student_size_bytes": 1,
+        "teacher_size_bytes": 2,
+        "student_latency_ms": 0.1,
+        "teacher_latency_ms": 1.0,
+        "speedup": 10.0,
+        "best_epoch": 3,
+        "best_val_accuracy": 0.91,
+        "train_samples": 8,
+        "val_samples": 1,
+        "test_samples": 2,
+        "device": "cpu",
+        "wall_seconds": 5.0,
+    }
+    result = JobResult.model_validate(first_version)
+    assert result.teachers == [] and result.kl_to_teacher is None and not result.label_free

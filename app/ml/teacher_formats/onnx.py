@@ -14,14 +14,15 @@ import torch
 from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
 from app.ml.onnx_io import onnx_latency_ms
-from app.ml.signature import ModelSignature
+from app.ml.signature import MAX_RANK, ModelSignature
 from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, fill_batches
 
 
 def _static_dims(shape: list[Any], what: str) -> list[int]:
-    if not all(isinstance(d, int) and d > 0 for d in shape):
+    if not all(isinstance(d, int) and d > 0 for d in shape) or len(shape) > MAX_RANK:
         raise InvalidModel(
-            f"The model's {what} must have fixed sizes beyond the batch dimension; got {shape}."
+            f"The model's {what} must have fixed sizes beyond the batch dimension (at most "
+            f"{MAX_RANK} of them); got {shape}."
         )
     return list(shape)
 
