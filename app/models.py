@@ -134,7 +134,8 @@ class Job(Base):
 
 
 class JobTeacher(Base):
-    """A job's teachers (one, or an ensemble's members) with their normalised weights."""
+    """A job's teachers (one, or an ensemble's members), in the order of its spec, which holds
+    their weights."""
 
     __tablename__ = "job_teachers"
 
@@ -143,7 +144,6 @@ class JobTeacher(Base):
     teacher_id: Mapped[str] = mapped_column(
         ForeignKey("teachers.id", ondelete="CASCADE"), index=True
     )
-    weight: Mapped[float]
 
 
 class JobMetric(Base):

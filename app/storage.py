@@ -30,7 +30,7 @@ class keys:
 
     @staticmethod
     def teacher(teacher_id: str, teacher_format: str) -> str:
-        return f"teachers/{teacher_id}/teacher.{teacher_format}"
+        return f"{keys.teacher_dir(teacher_id)}/teacher.{teacher_format}"
 
     @staticmethod
     def dataset(dataset_id: str) -> str:
@@ -42,7 +42,7 @@ class keys:
 
     @staticmethod
     def checkpoint(job_id: str) -> str:
-        return f"checkpoints/{job_id}/last.safetensors"
+        return f"{keys.checkpoints(job_id)}/last.safetensors"
 
     @staticmethod
     def artifact(job_id: str, attempt: int) -> str:

@@ -93,7 +93,7 @@ def test_stored_rows_get_signatures_and_ensemble_memberships_and_back(stack: Sta
             job = session.get(Job, "j1")
             assert job is not None and job.teacher_id == "t1"  # no cascade from rebuilt tables
             members = session.scalars(select(JobTeacher).order_by(JobTeacher.position))
-            assert [(m.teacher_id, m.weight) for m in members] == [("t1", 0.75), ("t2", 0.25)]
+            assert [(m.teacher_id, m.position) for m in members] == [("t1", 0), ("t2", 1)]
 
         command.downgrade(config, BEFORE_SIGNATURES)
         get_engine().dispose()

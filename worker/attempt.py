@@ -4,12 +4,14 @@ an attempt that was superseded stops at its next write instead of overwriting a 
 
 import logging
 import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.jobs import repository
 from app.models import JobPhase
 from worker.recipe import Cancelled
-from worker.training.loop import LoopState
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,10 @@ class Attempt:
         self._fraction = 0.0
         self._cancel_requested = False
 
-    def _beat(self, **values: object) -> None:
-        """Write the heartbeat and the latest progress; read back the cancel flag.
+    def _beat(self, then: Callable[[Session], None] | None = None, **values: object) -> None:
+        """Write the heartbeat and the latest progress, read back the cancel flag, and make
+        ``then``'s writes in the same transaction: they are fenced by the heartbeat's
+        ownership check.
 
         Raises JobSuperseded when another attempt owns the job now, so this one stops.
         """
@@ -38,8 +42,10 @@ class Attempt:
             flag = repository.heartbeat(
                 session, self.job_id, self.attempt, progress=round(self._fraction, 4), **values
             )
-        if flag is None:
-            raise JobSuperseded(self.job_id)
+            if flag is None:
+                raise JobSuperseded(self.job_id)  # rolls back: nothing is written
+            if then is not None:
+                then(session)
         self._cancel_requested = flag
         self._last_beat = time.monotonic()
 
@@ -62,16 +68,10 @@ class Attempt:
     def resumed(self, epoch: int) -> None:
         if epoch:
             log.info("job.resume", extra={"job_id": self.job_id, "epoch": epoch})
-        with session_scope() as session:
-            repository.forget_metrics_after(session, self.job_id, epoch)
+        self._beat(lambda session: repository.forget_metrics_after(session, self.job_id, epoch))
 
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
-        self._beat()  # first: a superseded attempt must not write metrics
-        with session_scope() as session:
-            repository.add_metrics(session, self.job_id, epoch, values)
+        self._beat(lambda session: repository.add_metrics(session, self.job_id, epoch, values))
 
     def should_stop(self) -> bool:
         return self._cancel_requested
-
-    def save_checkpoint(self, state: LoopState) -> None:
-        pass  # the recipe writes the file; nothing goes to the database

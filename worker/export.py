@@ -28,33 +28,34 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_artifact(
-    directory: Path,
-    *,
-    model: nn.Module,
-    signature: ModelSignature,
-    manifest_fields: dict[str, Any],
+def write_student(
+    directory: Path, model: nn.Module, signature: ModelSignature
 ) -> dict[ArtifactFormat, Path]:
-    """Write the three files and return them by format; the manifest records the others' sha256."""
+    """The student's weights (safetensors) and graph (ONNX) in ``directory``, by format."""
     directory.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    paths = {f: directory / name for f, name in FILENAMES.items()}
+    paths = {f: directory / FILENAMES[f] for f in (ArtifactFormat.SAFETENSORS, ArtifactFormat.ONNX)}
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(paths[ArtifactFormat.SAFETENSORS]),
     )
     export_onnx(model, signature, paths[ArtifactFormat.ONNX])
-    files = {
-        FILENAMES[f]: sha256_file(paths[f])
-        for f in (ArtifactFormat.SAFETENSORS, ArtifactFormat.ONNX)
-    }
+    return paths
+
+
+def write_manifest(
+    directory: Path,
+    files: dict[ArtifactFormat, Path],
+    signature: ModelSignature,
+    fields: dict[str, Any],
+) -> Path:
+    """``manifest.json`` beside ``files``, recording each one's sha256; returns its path."""
     manifest = Manifest(
         signature=signature,
-        files=files,
+        files={path.name: sha256_file(path) for path in files.values()},
         library_versions=library_versions(),
-        **manifest_fields,
+        **fields,
     )
-    paths[ArtifactFormat.MANIFEST].write_text(
-        json.dumps(manifest.model_dump(mode="json"), indent=2)
-    )
-    return paths
+    path = directory / FILENAMES[ArtifactFormat.MANIFEST]
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))
+    return path

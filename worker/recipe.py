@@ -8,7 +8,7 @@ benchmark ignores them. Each phase's outputs are kept on the recipe for the next
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -28,11 +28,11 @@ from app.ml.teacher_formats import TeacherBackend
 from app.models import ArtifactFormat, JobPhase
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import accuracy, logit_metrics, per_class_accuracy
-from worker.export import write_artifact
+from worker.export import write_manifest, write_student
 from worker.losses import build_loss
 from worker.teacher_cache import cache_key, cached_teacher_logits
 from worker.teachers import TeacherRecord, ensemble_logits
-from worker.training.loop import Batch, Callbacks, LoopOutcome, LoopState, predict_logits, train
+from worker.training.loop import Batch, LoopOutcome, LoopState, predict_logits, train
 
 VALIDATION_FRACTION = 0.1
 MAX_VALIDATION = 10_000
@@ -50,7 +50,9 @@ class Cancelled(Exception):
     """A cancel was requested; raised between phases, or when the loop stopped on request."""
 
 
-class RecipeEvents(Callbacks, Protocol):
+class RecipeEvents(Protocol):
+    """What a recipe reports; a job's attempt writes it to the database."""
+
     def phase(self, phase: JobPhase) -> None:
         """A phase begins. May raise ``Cancelled``."""
 
@@ -59,6 +61,15 @@ class RecipeEvents(Callbacks, Protocol):
 
     def resumed(self, epoch: int) -> None:
         """Training continues after ``epoch`` (0: from the start)."""
+
+    def progress(self, fraction: float) -> None:
+        """The fraction of all training steps done."""
+
+    def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        """An epoch's training terms and validation metrics."""
+
+    def should_stop(self) -> bool:
+        """Stop training now (a cancel)."""
 
 
 class SilentEvents:
@@ -82,9 +93,6 @@ class SilentEvents:
     def should_stop(self) -> bool:
         return False
 
-    def save_checkpoint(self, state: LoopState) -> None:
-        pass
-
 
 @dataclass(frozen=True)
 class RecipeInputs:
@@ -92,7 +100,8 @@ class RecipeInputs:
 
     ``teachers`` pairs with ``spec.teacher_weights``. ``cache_dir`` keeps teacher outputs
     between runs (None: computed every time); ``checkpoint`` is where epochs are saved and a
-    resumed run reads from (None: no checkpoints).
+    resumed run reads from (None: no checkpoints). ``started`` (``time.perf_counter``) is when
+    the job's wall time began.
     """
 
     job_id: str
@@ -104,6 +113,7 @@ class RecipeInputs:
     cache_dir: Path | None = None
     cache_max_bytes: int | None = None
     checkpoint: Path | None = None
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,14 @@ def to_batch(
 class DistillationRecipe:
     """One distillation, phase by phase; ``run`` does them all in order."""
 
+    # Set by the phases, each for the next: prepare, teacher_outputs, train.
+    student_signature: ModelSignature
+    train_split: Batch
+    val_split: Batch
+    test_split: Batch
+    student: torch.nn.Sequential
+    resumed_from_epoch: int | None
+
     def __init__(self, inputs: RecipeInputs, events: RecipeEvents | None = None) -> None:
         self.inputs = inputs
         self.events: RecipeEvents = events or SilentEvents()
@@ -140,26 +158,12 @@ class DistillationRecipe:
         self.weights = [w for _, w in inputs.spec.teacher_weights]
         # Every teacher of an ensemble shares its inputs and classes (checked at submission).
         self.signature = inputs.teachers[0].signature
-        # The student takes the teacher's inputs and always outputs logits, named as every
-        # artifact names them (`input`, `logits`), with the dataset's class names.
-        self.student_signature = ModelSignature.for_tensor(
-            self.signature.input_shape,
-            self.signature.num_classes,
-            classes=self._class_names(),
-            preprocessing=self.signature.preprocessing,
-        )
         self.backends: list[TeacherBackend] = []
         self.dataset_digest = ""
         self.per_teacher: list[dict[str, np.ndarray]] = []
         self.cache_hits: list[bool] = []
 
-    def _class_names(self) -> list[str]:
-        # The student has the teacher's outputs, which may be more than the dataset's classes.
-        classes = self.inputs.data.classes
-        return classes + [str(i) for i in range(len(classes), self.signature.num_classes)]
-
     def run(self) -> RecipeOutput:
-        started = time.perf_counter()
         self.events.phase(JobPhase.VALIDATING)
         self.prepare()
         self.events.phase(JobPhase.TEACHER_OUTPUTS)
@@ -171,19 +175,26 @@ class DistillationRecipe:
         self.events.phase(JobPhase.EVALUATING)
         result = self.evaluate(outcome)
         self.events.phase(JobPhase.EXPORTING)
-        output = self.export(result)
-        final = output.result.model_copy(update={"wall_seconds": time.perf_counter() - started})
-        return RecipeOutput(final, output.paths)
+        return self.export(result)
 
     def prepare(self) -> None:
-        """Check the data against the teacher's signature and open the teachers."""
-        data_signature = ModelSignature.for_tensor(
-            self.inputs.data.input_shape, len(self.inputs.data.classes)
-        )
+        """Check the data against the teacher's signature, describe the student, open the
+        teachers."""
+        data = self.inputs.data.signature
         try:
-            check_compatible(self.signature, data_signature, field="dataset")
+            check_compatible(self.signature, data, field="dataset")
         except SignatureMismatch as e:
             raise JobFailure("shape_mismatch", e.detail) from e
+        # The student takes the teacher's inputs, made from records as the dataset's were, and
+        # always outputs logits, named as every artifact names them, one per teacher score
+        # (which may be more than the dataset's classes).
+        classes = data.class_names
+        self.student_signature = ModelSignature.for_tensor(
+            self.signature.input_shape,
+            self.signature.num_classes,
+            classes=classes + [str(i) for i in range(len(classes), self.signature.num_classes)],
+            preprocessing=data.preprocessing,
+        )
         self.backends = [t.open(self.inputs.device) for t in self.inputs.teachers]
 
     def teacher_outputs(self) -> None:
@@ -278,9 +289,6 @@ class DistillationRecipe:
         resume = None if checkpoint is None else load_checkpoint(checkpoint)
         self.resumed_from_epoch = None if resume is None else resume.epoch
         self.events.resumed(self.resumed_from_epoch or 0)
-        events: Callbacks = self.events
-        if checkpoint is not None:
-            events = _Checkpointing(self.events, checkpoint)
         device = self.inputs.device
         outcome = train(
             self.student,
@@ -288,7 +296,7 @@ class DistillationRecipe:
             self.train_split,
             self.val_split,
             self.spec.training,
-            events,
+            _LoopCallbacks(self.events, checkpoint),
             resume=resume,
             # bf16 autocast on CUDA: matmuls on tensor cores; losses upcast to float32 themselves.
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
@@ -352,22 +360,10 @@ class DistillationRecipe:
         )
 
     def export(self, result: JobResult) -> RecipeOutput:
-        """Write the artifact, then time student and teacher alike (ONNX, one CPU thread)."""
-        paths = write_artifact(
-            self.inputs.artifact_dir,
-            model=self.student,
-            signature=self.student_signature,
-            manifest_fields={
-                "job_id": self.inputs.job_id,
-                "student": self.spec.student.model_dump(mode="json"),
-                "metrics": result.model_dump(mode="json"),
-                "teachers": [
-                    {"id": t.id, "sha256": t.sha256, "format": t.format, "weight": w}
-                    for t, w in zip(self.inputs.teachers, self.weights, strict=True)
-                ],
-                "dataset": {"ref": self.spec.dataset, "sha256": self.dataset_digest},
-            },
-        )
+        """Write the student, time it and the teacher alike (ONNX, one CPU thread), then the
+        manifest with the complete figures."""
+        directory = self.inputs.artifact_dir
+        paths = write_student(directory, self.student, self.student_signature)
         student_latency = onnx_latency_ms(paths[ArtifactFormat.ONNX], self.student_signature)
         # An ensemble answers once all its members have: their latencies add up.
         teacher_latency = sum(backend.latency_ms() for backend in self.backends)
@@ -378,16 +374,33 @@ class DistillationRecipe:
                 "student_latency_ms": student_latency,
                 "teacher_latency_ms": teacher_latency,
                 "speedup": teacher_latency / student_latency,
+                "wall_seconds": time.perf_counter() - self.inputs.started,
             }
+        )
+        paths[ArtifactFormat.MANIFEST] = write_manifest(
+            directory,
+            dict(paths),
+            self.student_signature,
+            {
+                "job_id": self.inputs.job_id,
+                "student": self.spec.student.model_dump(mode="json"),
+                "metrics": result.model_dump(mode="json"),
+                "teachers": [
+                    {"id": t.id, "sha256": t.sha256, "format": t.format, "weight": w}
+                    for t, w in zip(self.inputs.teachers, self.weights, strict=True)
+                ],
+                "dataset": {"ref": self.spec.dataset, "sha256": self.dataset_digest},
+            },
         )
         return RecipeOutput(result, paths)
 
 
-class _Checkpointing:
-    """The events, with every epoch's state saved to ``path`` (safetensors, atomically)."""
+class _LoopCallbacks:
+    """The loop's callbacks: the recipe's events, and every epoch's state saved to
+    ``checkpoint`` (safetensors, atomically) when there is one."""
 
-    def __init__(self, events: RecipeEvents, path: Path) -> None:
-        self.events, self.path = events, path
+    def __init__(self, events: RecipeEvents, checkpoint: Path | None) -> None:
+        self.events, self.checkpoint = events, checkpoint
 
     def progress(self, fraction: float) -> None:
         self.events.progress(fraction)
@@ -399,5 +412,5 @@ class _Checkpointing:
         return self.events.should_stop()
 
     def save_checkpoint(self, state: LoopState) -> None:
-        save_checkpoint(state, self.path)
-        self.events.save_checkpoint(state)
+        if self.checkpoint is not None:
+            save_checkpoint(state, self.checkpoint)

@@ -4,24 +4,38 @@ Builtin loaders (``app.datasets.builtins``) and the worker's upload loader both 
 """
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from app.ml.signature import AnyPreprocessing, ModelSignature, RawTensors
 
 
 @dataclass(frozen=True)
 class DatasetArrays:
-    """``y_train`` is None for an unlabelled transfer set (label-free distillation)."""
+    """``y_train`` is None for an unlabelled transfer set (label-free distillation).
+    ``preprocessing`` says how the inputs were made from raw records (builtin images: scaled)."""
 
     x_train: np.ndarray
     y_train: np.ndarray | None
     x_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
+    preprocessing: AnyPreprocessing = field(default_factory=RawTensors)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def signature(self) -> ModelSignature:
+        """The records as a model must take them: one FP32 tensor, one score per class."""
+        return ModelSignature.for_tensor(
+            self.input_shape,
+            len(self.classes),
+            classes=self.classes,
+            preprocessing=self.preprocessing,
+        )
 
     def digest(self) -> str:
         """sha256 of the arrays as training sees them, whatever file they came from."""

@@ -3,7 +3,8 @@
 Each function takes the caller's session and never commits: the API's request dependency or the
 worker's short ``session_scope`` owns the transaction. Writes made by a worker's attempt carry
 ``owned(job_id, attempt)``, so an attempt that was superseded (requeued after a missed heartbeat,
-or finished) can no longer change the job.
+or finished) can no longer change the job; an attempt's metric writes go in the transaction of
+such a fenced heartbeat (``worker.attempt``).
 """
 
 from collections.abc import Iterable
@@ -32,15 +33,15 @@ def owned(job_id: str, attempt: int) -> ColumnElement[bool]:
 
 
 def add_job(
-    session: Session, *, spec: dict[str, Any], dataset_ref: str, teachers: list[tuple[str, float]]
+    session: Session, *, spec: dict[str, Any], dataset_ref: str, teacher_ids: list[str]
 ) -> Job:
-    """A queued job and its (teacher id, normalised weight) members, in order."""
-    job = Job(spec=spec, teacher_id=teachers[0][0], dataset_ref=dataset_ref)
+    """A queued job and its teachers, in order."""
+    job = Job(spec=spec, teacher_id=teacher_ids[0], dataset_ref=dataset_ref)
     session.add(job)
     session.flush()
     session.add_all(
-        JobTeacher(job_id=job.id, position=i, teacher_id=teacher_id, weight=weight)
-        for i, (teacher_id, weight) in enumerate(teachers)
+        JobTeacher(job_id=job.id, position=i, teacher_id=teacher_id)
+        for i, teacher_id in enumerate(teacher_ids)
     )
     return job
 

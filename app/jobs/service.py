@@ -76,7 +76,7 @@ def create_job(session: Session, spec: DistillationSpec) -> Job:
         session,
         spec=spec.model_dump(mode="json", exclude_none=True),
         dataset_ref=spec.dataset,
-        teachers=spec.teacher_weights,
+        teacher_ids=[teacher_id for teacher_id, _ in spec.teacher_weights],
     )
     enqueue_after_commit(session, job.id)
     return job

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-from app.ml.signature import ModelSignature
+from app.ml.signature import INPUT_NAME, LOGITS_NAME, ModelSignature
 from app.ml.students import StudentSpecBase, parse_spec
 from app.models import ArtifactFormat
 
@@ -21,7 +21,6 @@ MEDIA_TYPES = {
     ArtifactFormat.SAFETENSORS: "application/octet-stream",
     ArtifactFormat.ONNX: "application/octet-stream",
 }
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 class Manifest(BaseModel):
@@ -49,7 +48,7 @@ class Manifest(BaseModel):
                 data.pop("input_shape"),
                 len(classes),
                 input_name=data.pop("input_name", INPUT_NAME),
-                output_name=data.pop("output_name", OUTPUT_NAME),
+                output_name=data.pop("output_name", LOGITS_NAME),
                 classes=classes,
             )
         return data

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SymbolicDim = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$", max_length=32)]
 Dim = Annotated[int, Field(ge=1)] | SymbolicDim
 MAX_RANK = 16  # per-sample dimensions of one tensor
+# What Distill names a single input and the class scores when nothing else names them.
+INPUT_NAME, LOGITS_NAME = "input", "logits"
 
 
 class Datatype(StrEnum):
@@ -147,8 +149,8 @@ class ModelSignature(_Frozen):
         input_shape: tuple[int, ...] | list[int],
         num_classes: int,
         *,
-        input_name: str = "input",
-        output_name: str = "logits",
+        input_name: str = INPUT_NAME,
+        output_name: str = LOGITS_NAME,
         classes: list[str] | None = None,
         kind: OutputKind = OutputKind.LOGITS,
         preprocessing: AnyPreprocessing | None = None,

@@ -32,6 +32,16 @@ class TeacherOut(BaseModel):
     def input_shape(self) -> list[Any] | None:
         return list(self.signature.inputs[0].shape) if len(self.signature.inputs) == 1 else None
 
+    @computed_field(description="The (first) input's name.")  # type: ignore[prop-decorator]
+    @property
+    def input_name(self) -> str:
+        return self.signature.inputs[0].name
+
+    @computed_field(description="The class scores' name.")  # type: ignore[prop-decorator]
+    @property
+    def output_name(self) -> str:
+        return self.signature.scores.name
+
     @computed_field(description="The number of class scores.")  # type: ignore[prop-decorator]
     @property
     def num_classes(self) -> int:

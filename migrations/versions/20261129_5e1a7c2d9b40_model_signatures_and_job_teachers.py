@@ -92,7 +92,6 @@ def upgrade() -> None:
         sa.Column('job_id', sa.String(length=36), nullable=False),
         sa.Column('position', sa.Integer(), nullable=False),
         sa.Column('teacher_id', sa.String(length=36), nullable=False),
-        sa.Column('weight', sa.Double(), nullable=False),
         sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['teacher_id'], ['teachers.id'], ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('job_id', 'position'),
@@ -106,13 +105,10 @@ def upgrade() -> None:
     members = []
     for job in bind.execute(sa.select(jobs)).all():
         spec = job.spec or {}
-        weighted = [(t['id'], float(t.get('weight', 1.0))) for t in spec.get('teachers') or []]
-        if not weighted and spec.get('teacher'):
-            weighted = [(spec['teacher'], 1.0)]
-        total = sum(w for _, w in weighted) or 1.0
+        ids = [t['id'] for t in spec.get('teachers') or []] or [spec.get('teacher')]
         members += [
-            {'job_id': job.id, 'position': i, 'teacher_id': tid, 'weight': w / total}
-            for i, (tid, w) in enumerate(weighted)
+            {'job_id': job.id, 'position': i, 'teacher_id': tid}
+            for i, tid in enumerate(ids)
             if tid in existing
         ]
     if members:

@@ -6,7 +6,9 @@ import json
 import numpy as np
 import torch
 
+from app.ml.signature import OutputKind
 from app.ml.teacher_formats import FORMATS, inspect_teacher
+from app.ml.teacher_formats.base import as_logits
 from tests.helpers.teachers import TeacherFiles
 from worker.data import load_builtin
 
@@ -39,3 +41,19 @@ def test_each_format_recognises_inspects_and_opens_its_files(
     np.testing.assert_allclose(logits["onnx"], logits["safetensors"], atol=1e-4)
     accuracy = (logits["onnx"].argmax(1) == load_builtin("builtin:digits").y_test).mean()
     assert accuracy == digits_teacher.test_accuracy
+
+
+def test_probabilities_and_log_probabilities_become_logits() -> None:
+    """softmax(as_logits(scores)) gives the teacher's distribution back, whatever its kind."""
+    logits = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    probabilities = torch.softmax(torch.from_numpy(logits), -1).numpy()
+    probabilities[0] = [1.0, 0.0, 0.0, 0.0, 0.0]  # a certain teacher: log 0 is floored, finite
+    for kind, scores in (
+        (OutputKind.PROBABILITIES, probabilities),
+        (OutputKind.LOG_PROBABILITIES, np.log(probabilities + 1e-30)),
+    ):
+        converted = as_logits(scores, kind)
+        assert np.isfinite(converted).all()
+        back = torch.softmax(torch.from_numpy(converted).double(), -1).numpy()
+        np.testing.assert_allclose(back, probabilities, atol=1e-6)
+    np.testing.assert_array_equal(as_logits(logits, OutputKind.LOGITS), logits)

@@ -12,7 +12,7 @@ from app.ml.signature import ModelSignature
 from app.ml.students import CnnSpec, MlpSpec, build_student
 from app.models import ArtifactFormat
 from app.storage import sha256_file
-from worker.export import write_artifact
+from worker.export import write_manifest, write_student
 
 
 def round_trip(spec: MlpSpec | CnnSpec, tmp_path: Path, channels_last: bool) -> None:
@@ -24,11 +24,12 @@ def round_trip(spec: MlpSpec | CnnSpec, tmp_path: Path, channels_last: bool) -> 
         student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     with torch.no_grad():
         expected = torch.softmax(student.eval()(x), -1).numpy()
-    paths = write_artifact(
+    paths = write_student(tmp_path, student, signature)
+    write_manifest(
         tmp_path,
-        model=student,
-        signature=signature,
-        manifest_fields={
+        paths,
+        signature,
+        {
             "job_id": "j",
             "student": spec.model_dump(mode="json"),
             "metrics": {},

@@ -16,6 +16,7 @@ from app.ml.signature import ImagePreprocessing
 SAMPLES = 1797
 CLASSES = tuple(str(digit) for digit in range(10))
 MAX_PIXEL = 16.0  # each pixel counts the set cells of a 4x4 block; images are scaled to [0, 1]
+PREPROCESSING = ImagePreprocessing(scale=1.0 / MAX_PIXEL, channel_order="L")
 
 
 def available() -> bool:
@@ -30,7 +31,7 @@ def load() -> DatasetArrays:
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / MAX_PIXEL)[:, None, :, :]
     x_train, y_train, x_test, y_test = holdout_split(x, bunch.target.astype(np.int64))
-    return DatasetArrays(x_train, y_train, x_test, y_test, list(CLASSES))
+    return DatasetArrays(x_train, y_train, x_test, y_test, list(CLASSES), PREPROCESSING)
 
 
 DATASET = BuiltinDataset(
@@ -40,7 +41,7 @@ DATASET = BuiltinDataset(
     classes=CLASSES,
     train_size=SAMPLES - holdout_test_size(SAMPLES),
     test_size=holdout_test_size(SAMPLES),
-    preprocessing=ImagePreprocessing(scale=1.0 / MAX_PIXEL, channel_order="L"),
+    preprocessing=PREPROCESSING,
     load=load,
     available=available,
 )

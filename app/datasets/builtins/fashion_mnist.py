@@ -49,6 +49,7 @@ CLASSES = (
     "Ankle boot",
 )
 MAX_PIXEL = 255.0  # pixels are bytes; images are scaled to [0, 1]
+PREPROCESSING = ImagePreprocessing(scale=1.0 / MAX_PIXEL, channel_order="L")
 
 
 def candidate_dirs() -> list[Path]:
@@ -114,6 +115,7 @@ def load() -> DatasetArrays:
         x_test=images(arrays["test_images"]),
         y_test=arrays["test_labels"].astype(np.int64),
         classes=list(CLASSES),
+        preprocessing=PREPROCESSING,
     )
 
 
@@ -158,7 +160,7 @@ DATASET = BuiltinDataset(
     classes=CLASSES,
     train_size=60_000,
     test_size=10_000,
-    preprocessing=ImagePreprocessing(scale=1.0 / MAX_PIXEL, channel_order="L"),
+    preprocessing=PREPROCESSING,
     load=load,
     available=available,
 )

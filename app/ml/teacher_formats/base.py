@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from app.ml.layers import FeatureLayer
-from app.ml.signature import ModelSignature
+from app.ml.signature import ModelSignature, OutputKind
 
 OnBatch = Callable[[], None] | None
 # Teacher passes run in batches of this many samples. On CPU, a convolutional teacher runs 4x
@@ -85,6 +85,17 @@ class TeacherFormat(Protocol):
     ) -> TeacherBackend:
         """Load the stored teacher frozen, on ``device`` where the runtime can use it."""
         ...
+
+
+def as_logits(scores: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """Class scores ``[N, classes]`` as logits, which every loss and metric takes. Probabilities
+    become their log (whose softmax gives them back exactly; a zero becomes the float32 floor);
+    log-probabilities already are logits (a softmax ignores a per-row constant)."""
+    if kind is OutputKind.PROBABILITIES:
+        floor = np.finfo(np.float32).tiny
+        logits: np.ndarray = np.log(np.maximum(scores, floor, dtype=np.float32))
+        return logits
+    return scores
 
 
 def fill_batches(

@@ -15,7 +15,7 @@ from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
 from app.ml.onnx_io import onnx_latency_ms
 from app.ml.signature import MAX_RANK, ModelSignature
-from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, fill_batches
+from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, as_logits, fill_batches
 
 
 def _static_dims(shape: list[Any], what: str) -> list[int]:
@@ -44,7 +44,8 @@ class OnnxTeacher:
     def logits(
         self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
     ) -> np.ndarray:
-        return fill_batches(x, batch_size, lambda b: self._run(None, b)[:1], on_batch)[0]
+        scores = fill_batches(x, batch_size, lambda b: self._run(None, b)[:1], on_batch)[0]
+        return as_logits(scores, self.signature.scores.kind)
 
     def features(
         self,

@@ -18,7 +18,7 @@ from app.ml.layers import feature_layers
 from app.ml.onnx_io import export_onnx, onnx_latency_ms
 from app.ml.signature import ModelSignature
 from app.ml.students import StudentSpec, build_model, family_of, parameter_count
-from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, fill_batches
+from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, as_logits, fill_batches
 
 MAX_HEADER = 100 * 1024 * 1024
 CONFIG_HELP = (
@@ -56,7 +56,8 @@ class TorchTeacher:
     def logits(
         self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
     ) -> np.ndarray:
-        return fill_batches(x, batch_size, self._forward, on_batch)[0]
+        scores = fill_batches(x, batch_size, self._forward, on_batch)[0]
+        return as_logits(scores, self.signature.scores.kind)
 
     def features(
         self,
@@ -149,8 +150,11 @@ class SafetensorsFormat:
         from safetensors.torch import load_file
 
         teacher_config = TeacherConfig.model_validate(architecture)
-        model = build_model(teacher_config.architecture, signature)
-        model.load_state_dict(load_file(str(path)))
+        # Built on the meta device and given the stored tensors: no initialisation, so opening a
+        # teacher neither costs time nor draws from the random generator the student is seeded by.
+        with torch.device("meta"):
+            model = build_model(teacher_config.architecture, signature)
+        model.load_state_dict(load_file(str(path)), strict=True, assign=True)
         # The family's layout (channels-last convolutions) speeds the teacher as it does students.
         family_of(teacher_config.architecture).apply_memory_format(model)
         return TorchTeacher(model, signature, device)
