@@ -6,12 +6,14 @@ ECE_BINS = 15
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
+    """Fraction of samples whose top class is the label, in float64 (exactly what a user
+    counting the served student's correct answers gets)."""
+    return (logits.argmax(dim=-1) == labels).double().mean().item()
 
 
 def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
     """Fraction of samples on which student and teacher predict the same class."""
-    return (student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float().mean().item()
+    return (student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).double().mean().item()
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:

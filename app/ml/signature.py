@@ -76,9 +76,10 @@ class RawTensors(_Frozen):
 
 
 class ImagePreprocessing(_Frozen):
-    """Image pixels ``[C, H, W]``: ``(pixel * scale - mean) / std`` per channel, in
-    ``channel_order``. ``mean``/``std`` None: the model takes ``pixel * scale`` and normalises
-    itself (Distill's builtin images are scaled to [0, 1])."""
+    """How image inputs ``[C, H, W]`` are made from pixels: ``(pixel * scale - mean) / std`` per
+    channel, in ``channel_order``. ``mean``/``std`` None: the model takes ``pixel * scale`` and
+    normalises itself (Distill's builtin images are scaled to [0, 1]). A description of the
+    inputs: the model (and ``/predict``) takes them already made."""
 
     kind: Literal["image"] = "image"
     scale: float = Field(default=1.0 / 255.0, gt=0.0)
@@ -123,8 +124,8 @@ class SignatureMismatch(ValueError):
 class ModelSignature(_Frozen):
     """Named, typed inputs and outputs of a model (or of a dataset's records).
 
-    ``outputs[0]`` holds the class scores ``[batch, classes]``; further outputs are intermediate
-    tensors a model exposes (an ONNX teacher's feature maps).
+    Shapes are per sample. ``outputs[0]`` holds the class scores, shaped ``[classes]`` (the
+    tensor is ``[batch, classes]``); further outputs are other tensors a model returns.
     """
 
     task: Task = Task.CLASSIFICATION

@@ -21,7 +21,8 @@ __all__ = ["FORMATS", "TeacherBackend", "TeacherFormat", "TeacherInfo", "inspect
 EXPORT_HELP = (
     "Export the model instead: to ONNX with "
     "`torch.onnx.export(model.eval(), (example_batch,), 'teacher.onnx', input_names=['input'], "
-    "output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},))`, or, for an "
+    "output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},), "
+    "external_data=False)`, or, for an "
     "`mlp` or `cnn` architecture, to safetensors with "
     "`safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors')` uploaded with a "
     "`config` describing the architecture."

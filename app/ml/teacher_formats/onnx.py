@@ -84,7 +84,10 @@ class OnnxFormat:
         # make onnxruntime read files beside the upload.
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)):
             raise InvalidModel(
-                "ONNX models with external data files are not accepted; save it as one file."
+                "ONNX models with external data files are not accepted; save it as one file "
+                "(`torch.onnx.export(..., external_data=False)`, or "
+                "`onnx.save(model, path, save_as_external_data=False)`).",
+                field="file",
             )
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
