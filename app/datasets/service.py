@@ -112,8 +112,7 @@ def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
             )
         if not is_available(ref):
             raise DatasetUnavailable(
-                f"{ref} is not installed on this server: `apt-get install dataset-fashion-mnist`, "
-                "or `distill download fashion-mnist`.",
+                f"{ref} is not installed on this server: {builtin.install_hint}.",
                 field="dataset",
             )
         return DatasetSummary(ref, builtin.signature, builtin.train_size)

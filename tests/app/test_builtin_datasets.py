@@ -2,6 +2,7 @@
 
 import gzip
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from app import config
 from app.datasets.arrays import DatasetArrays
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset, fashion_mnist, is_available
+from app.datasets.service import resolve_dataset
 from app.errors import DatasetUnavailable
 
 DATASETS = list(BUILTIN_DATASETS.values())
@@ -135,3 +137,15 @@ def test_download_refuses_a_file_whose_md5_differs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not match the published"):
         fashion_mnist.download(target, base_url=mirror.as_uri() + "/")
     assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("dataset", DATASETS, ids=[d.ref for d in DATASETS])
+def test_a_missing_builtin_is_a_422_saying_how_to_install_it(
+    dataset: BuiltinDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(BUILTIN_DATASETS, dataset.ref, replace(dataset, available=lambda: False))
+    with pytest.raises(DatasetUnavailable) as raised:
+        resolve_dataset(None, dataset.ref)  # type: ignore[arg-type]  # builtins need no session
+    assert raised.value.status == 422 and raised.value.extra["field"] == "dataset"
+    assert dataset.install_hint in raised.value.detail
+    assert dataset.signature.inputs[0].shape == list(dataset.input_shape)

@@ -12,7 +12,8 @@ class BuiltinDataset:
     """A dataset Distill knows by name (``ref``, ``builtin:<name>``).
 
     ``load`` reads it into memory (numpy only, no torch) and raises ``DatasetUnavailable`` when
-    its files are missing; ``available`` says, cheaply, whether they are on this machine.
+    its files are missing; ``available`` says, cheaply, whether they are on this machine, and
+    ``install_hint`` how to put them there.
     """
 
     ref: str
@@ -24,6 +25,7 @@ class BuiltinDataset:
     preprocessing: ImagePreprocessing
     load: Callable[[], DatasetArrays]
     available: Callable[[], bool]
+    install_hint: str
 
     @property
     def num_classes(self) -> int:

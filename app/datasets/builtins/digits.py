@@ -44,4 +44,5 @@ DATASET = BuiltinDataset(
     preprocessing=PREPROCESSING,
     load=load,
     available=available,
+    install_hint="it ships with scikit-learn",
 )

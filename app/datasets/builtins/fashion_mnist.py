@@ -163,4 +163,5 @@ DATASET = BuiltinDataset(
     preprocessing=PREPROCESSING,
     load=load,
     available=available,
+    install_hint="`apt-get install dataset-fashion-mnist`, or `distill download fashion-mnist`",
 )
