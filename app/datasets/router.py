@@ -35,7 +35,7 @@ def list_datasets(session: SessionDep) -> DatasetList:
     return DatasetList(items=service.list_datasets(session))
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
-    """One uploaded dataset."""
-    return service.uploaded_out(service.get_dataset(session, dataset_id))
+@router.get("/{ref}", response_model=DatasetOut)
+def get_dataset(session: SessionDep, ref: str) -> DatasetOut:
+    """One dataset: a builtin one by its `builtin:<name>` ref, an uploaded one by its id."""
+    return service.dataset_out(session, ref)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.datasets.builtins import BUILTIN_DATASETS, is_available
+from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset, is_available
 from app.datasets.npz import holdout_test_size, read_dataset_npz
 from app.datasets.schemas import DatasetOut
 from app.errors import DatasetUnavailable, InvalidSpec, NotFound
@@ -41,23 +41,31 @@ def uploaded_out(dataset: Dataset) -> DatasetOut:
     )
 
 
+def builtin_out(dataset: BuiltinDataset) -> DatasetOut:
+    return DatasetOut(
+        ref=dataset.ref,
+        kind="builtin",
+        name=dataset.description,
+        signature=dataset.signature,
+        input_shape=list(dataset.input_shape),
+        num_classes=dataset.num_classes,
+        train_size=dataset.train_size,
+        test_size=dataset.test_size,
+        available=dataset.available(),
+    )
+
+
 def list_datasets(session: Session) -> list[DatasetOut]:
-    builtin = [
-        DatasetOut(
-            ref=d.ref,
-            kind="builtin",
-            name=d.description,
-            signature=d.signature,
-            input_shape=list(d.input_shape),
-            num_classes=d.num_classes,
-            train_size=d.train_size,
-            test_size=d.test_size,
-            available=is_available(d.ref),
-        )
-        for d in BUILTIN_DATASETS.values()
-    ]
     uploaded = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()))
-    return builtin + [uploaded_out(d) for d in uploaded]
+    return [builtin_out(d) for d in BUILTIN_DATASETS.values()] + [uploaded_out(d) for d in uploaded]
+
+
+def dataset_out(session: Session, ref: str) -> DatasetOut:
+    """A builtin dataset by its ``builtin:<name>`` ref, or an uploaded one by id."""
+    builtin = BUILTIN_DATASETS.get(ref)
+    if builtin is not None:
+        return builtin_out(builtin)
+    return uploaded_out(get_dataset(session, ref))
 
 
 def create_dataset(

@@ -24,6 +24,17 @@ def test_builtin_datasets_are_listed(client: TestClient) -> None:
     assert digits["input_shape"] == [1, 8, 8]
     assert (digits["train_size"], digits["test_size"]) == (1438, 359)
     assert "builtin:fashion-mnist" in items
+    assert client.get("/v1/datasets/builtin:digits").json() == digits
+    assert digits["signature"]["preprocessing"] == {
+        "kind": "image",
+        "scale": 1 / 16,
+        "mean": None,
+        "std": None,
+        "channel_order": "L",
+    }
+    assert digits["signature"]["outputs"][0]["classes"] == [str(i) for i in range(10)]
+    missing = client.get("/v1/datasets/builtin:imagenet")
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
 
 
 def test_valid_upload_with_and_without_test_split(client: TestClient) -> None:
