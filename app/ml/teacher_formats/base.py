@@ -1,5 +1,6 @@
 """The protocol every teacher format implements, and what inspecting an upload yields."""
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +33,29 @@ class TeacherInfo:
     feature_layers: list[FeatureLayer] = field(default_factory=list)
 
 
-class TeacherBackend(Protocol):
-    """A loaded teacher, frozen (eval mode, no gradients), run on float32 numpy batches."""
+class TeacherBackend(ABC):
+    """A loaded teacher, frozen (eval mode, no gradients), run on float32 numpy inputs
+    ``[N, *input_shape]`` in batches. A format implements ``run`` (one batch) and
+    ``latency_ms``; ``on_batch`` runs before every batch (the worker's heartbeat on long
+    passes)."""
+
+    signature: ModelSignature
+
+    @abstractmethod
+    def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+        """One batch's class scores (``names`` None: a one-element list), or its outputs at
+        ``names`` (``feature_layers`` names)."""
+
+    @abstractmethod
+    def latency_ms(self) -> float:
+        """Median single-sample latency on onnxruntime, one CPU thread (as students are timed)."""
 
     def logits(
         self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
     ) -> np.ndarray:
-        """Class scores ``[N, classes]`` float32 for inputs ``[N, *input_shape]``.
-
-        ``on_batch`` runs before every batch (the worker's heartbeat on long passes)."""
-        ...
+        """Logits ``[N, classes]`` float32, whatever kind of scores the teacher returns."""
+        scores = self._batched(x, None, batch_size, on_batch)[0]
+        return as_logits(scores, self.signature.scores.kind)
 
     def features(
         self,
@@ -50,12 +64,24 @@ class TeacherBackend(Protocol):
         batch_size: int = BATCH_SIZE,
         on_batch: OnBatch = None,
     ) -> list[np.ndarray]:
-        """The outputs at ``names`` (``feature_layers`` names) for every sample, float32."""
-        ...
+        """The outputs at ``names`` for every sample, float32."""
+        return self._batched(x, names, batch_size, on_batch)
 
-    def latency_ms(self) -> float:
-        """Median single-sample latency on onnxruntime, one CPU thread (as students are timed)."""
-        ...
+    def _batched(
+        self, x: np.ndarray, names: list[str] | None, batch_size: int, on_batch: OnBatch
+    ) -> list[np.ndarray]:
+        """``run`` over ``x`` in batches, its outputs written into float32 arrays allocated once
+        (a feature method's can be the job's largest)."""
+        arrays: list[np.ndarray] = []
+        for start in range(0, len(x), batch_size):
+            if on_batch is not None:
+                on_batch()
+            outputs = self.run(np.ascontiguousarray(x[start : start + batch_size]), names)
+            if not arrays:
+                arrays = [np.empty((len(x), *o.shape[1:]), np.float32) for o in outputs]
+            for array, output in zip(arrays, outputs, strict=True):
+                array[start : start + len(output)] = output
+        return arrays
 
 
 class TeacherFormat(Protocol):
@@ -96,23 +122,3 @@ def as_logits(scores: np.ndarray, kind: OutputKind) -> np.ndarray:
         logits: np.ndarray = np.log(np.maximum(scores, floor, dtype=np.float32))
         return logits
     return scores
-
-
-def fill_batches(
-    x: np.ndarray,
-    batch_size: int,
-    run: Callable[[np.ndarray], list[np.ndarray]],
-    on_batch: OnBatch,
-) -> list[np.ndarray]:
-    """``run`` over ``x`` in batches, its outputs written into float32 arrays allocated once
-    (a feature method's can be the job's largest)."""
-    arrays: list[np.ndarray] = []
-    for start in range(0, len(x), batch_size):
-        if on_batch is not None:
-            on_batch()
-        outputs = run(np.ascontiguousarray(x[start : start + batch_size]))
-        if not arrays:
-            arrays = [np.empty((len(x), *o.shape[1:]), np.float32) for o in outputs]
-        for array, output in zip(arrays, outputs, strict=True):
-            array[start : start + len(output)] = output
-    return arrays

@@ -15,7 +15,7 @@ from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
 from app.ml.onnx_io import onnx_latency_ms
 from app.ml.signature import MAX_RANK, ModelSignature
-from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, as_logits, fill_batches
+from app.ml.teacher_formats.base import TeacherBackend, TeacherInfo
 
 
 def _static_dims(shape: list[Any], what: str) -> list[int]:
@@ -27,7 +27,7 @@ def _static_dims(shape: list[Any], what: str) -> list[int]:
     return list(shape)
 
 
-class OnnxTeacher:
+class OnnxTeacher(TeacherBackend):
     def __init__(self, path: Path, signature: ModelSignature, device: torch.device) -> None:
         import onnxruntime as ort
 
@@ -38,23 +38,9 @@ class OnnxTeacher:
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
-    def _run(self, names: list[str] | None, batch: np.ndarray) -> list[np.ndarray]:
-        return list(self.session.run(names, {self.input_name: batch}))
-
-    def logits(
-        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
-    ) -> np.ndarray:
-        scores = fill_batches(x, batch_size, lambda b: self._run(None, b)[:1], on_batch)[0]
-        return as_logits(scores, self.signature.scores.kind)
-
-    def features(
-        self,
-        x: np.ndarray,
-        names: list[str],
-        batch_size: int = BATCH_SIZE,
-        on_batch: OnBatch = None,
-    ) -> list[np.ndarray]:
-        return fill_batches(x, batch_size, lambda b: self._run(names, b), on_batch)
+    def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+        outputs = list(self.session.run(names, {self.input_name: batch}))
+        return outputs if names is not None else outputs[:1]  # the scores come first
 
     def latency_ms(self) -> float:
         return onnx_latency_ms(self.path, self.signature)

@@ -18,7 +18,7 @@ from app.ml.layers import feature_layers
 from app.ml.onnx_io import export_onnx, onnx_latency_ms
 from app.ml.signature import ModelSignature
 from app.ml.students import StudentSpec, build_model, family_of, parameter_count
-from app.ml.teacher_formats.base import BATCH_SIZE, OnBatch, TeacherInfo, as_logits, fill_batches
+from app.ml.teacher_formats.base import TeacherBackend, TeacherInfo
 
 MAX_HEADER = 100 * 1024 * 1024
 CONFIG_HELP = (
@@ -41,36 +41,24 @@ class TeacherConfig(BaseModel):
         return ModelSignature.for_tensor(self.input_shape, self.num_classes)
 
 
-class TorchTeacher:
+class TorchTeacher(TeacherBackend):
     def __init__(self, model: nn.Module, signature: ModelSignature, device: torch.device) -> None:
         # Frozen: eval mode (no dropout, running BN statistics) and no gradients.
         self.model = model.eval().requires_grad_(False).to(device)
         self.signature, self.device = signature, device
 
-    def _forward(self, batch: np.ndarray, tap: FeatureTap | None = None) -> list[np.ndarray]:
+    def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device)
-            outputs = [self.model(x)] if tap is None else tap(x)[1]
+            if names is None:
+                outputs = [self.model(x)]
+            else:
+                tap = FeatureTap(self.model, names)
+                try:
+                    outputs = tap(x)[1]
+                finally:
+                    tap.remove()
         return [t.float().cpu().numpy() for t in outputs]
-
-    def logits(
-        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
-    ) -> np.ndarray:
-        scores = fill_batches(x, batch_size, self._forward, on_batch)[0]
-        return as_logits(scores, self.signature.scores.kind)
-
-    def features(
-        self,
-        x: np.ndarray,
-        names: list[str],
-        batch_size: int = BATCH_SIZE,
-        on_batch: OnBatch = None,
-    ) -> list[np.ndarray]:
-        tap = FeatureTap(self.model, names)
-        try:
-            return fill_batches(x, batch_size, lambda b: self._forward(b, tap), on_batch)
-        finally:
-            tap.remove()
 
     def latency_ms(self) -> float:
         with tempfile.TemporaryDirectory() as tmp:
