@@ -3,6 +3,7 @@ else: the distillation itself is ``worker.recipe`` (database-free), the attempt'
 ``worker.attempt``. Database sessions are short and never held across slow work."""
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ def read_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord]]:
 
 
 def run_job(job_id: str) -> None:
+    started = time.perf_counter()  # the job's wall time counts reading its inputs too
     settings = get_settings()
     attempt = claim(job_id, settings.job_max_attempts)
     if attempt is None:
@@ -108,6 +110,7 @@ def run_job(job_id: str) -> None:
             cache_dir=store.path(keys.TEACHER_CACHE),
             cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint=store.path(keys.checkpoint(job_id)),
+            started=started,
         )
         output = DistillationRecipe(inputs, events).run()
         events.phase(JobPhase.DONE)  # the last cancel check
