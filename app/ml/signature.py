@@ -135,12 +135,15 @@ class ModelSignature(_Frozen):
 
     @model_validator(mode="after")
     def _scores_are_classes(self) -> "ModelSignature":
+        # Class scores end in a fixed class dimension; a classification has nothing before it
+        # (token classification, when it comes, will have `sequence`).
         scores = self.outputs[0]
-        if len(scores.shape) != 1 or not isinstance(scores.shape[0], int):
+        rank = {Task.CLASSIFICATION: 1}[self.task]
+        if len(scores.shape) != rank or not isinstance(scores.shape[-1], int):
             raise ValueError(f"outputs[0] must be class scores [classes]; got {scores.shape}")
-        if scores.classes is not None and len(scores.classes) != scores.shape[0]:
+        if scores.classes is not None and len(scores.classes) != scores.shape[-1]:
             raise ValueError(
-                f"outputs[0] has {scores.shape[0]} scores but {len(scores.classes)} class names"
+                f"outputs[0] has {scores.shape[-1]} scores but {len(scores.classes)} class names"
             )
         return self
 
@@ -170,7 +173,7 @@ class ModelSignature(_Frozen):
 
     @property
     def num_classes(self) -> int:
-        return int(self.scores.shape[0])
+        return int(self.scores.shape[-1])
 
     @property
     def class_names(self) -> list[str]:
