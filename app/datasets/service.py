@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset, is_available
+from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset
 from app.datasets.npz import holdout_test_size, read_dataset_npz
 from app.datasets.schemas import DatasetOut
 from app.errors import DatasetUnavailable, InvalidSpec, NotFound
@@ -118,7 +118,7 @@ def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
                 f"No builtin dataset {ref!r}; choose one of {sorted(BUILTIN_DATASETS)}.",
                 field="dataset",
             )
-        if not is_available(ref):
+        if not builtin.available():
             raise DatasetUnavailable(
                 f"{ref} is not installed on this server: {builtin.install_hint}.",
                 field="dataset",
