@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         "set in memory (the teacher then never runs per step); larger jobs are refused.",
     )
 
+    preflight_max_bytes: int = Field(
+        default=256 * MIB,
+        description="A job whose teachers and uploaded dataset files together are at most this "
+        "big is preflighted at submission (a 422 there); larger ones as the job's first step.",
+    )
+
     job_max_attempts: int = 3
     job_stale_after_s: int = Field(
         default=300, description="A running job whose heartbeat is older than this is requeued."

@@ -2,33 +2,110 @@
 RFC 9457 body (``type``, ``title``, ``status``, ``detail``, plus ``code`` and extras) that main.py
 sends as problem+json, for these errors and for the framework's own."""
 
+import contextlib
+import os
+import re
+import tempfile
+from functools import lru_cache
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, ClassVar
+
+# Characters that end a path in running text, and what may follow a directory in a path.
+_PATH_END = r"""\s'"`<>|"""
+_PATH_TAIL = rf"(?:[/\\][^{_PATH_END}]*)?"
+_TRAILING_PUNCTUATION = ".,:;!?)]}"
+
+
+@lru_cache(maxsize=8)
+def _owned_path_pattern(prefixes: tuple[str, ...]) -> re.Pattern[str]:
+    """Any absolute path at or under one of ``prefixes`` (longest first), as a whole word."""
+    alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    # Not inside a longer word, relative path or URL ("https://host/tmp/x", "a/tmp"), though
+    # after a scheme's slashes ("sqlite:////root/.distill/distill.db"); not a sibling directory
+    # that merely starts the same ("/tmpfoo" for "/tmp").
+    return re.compile(rf"(?<![\w.\\-])(?:{alternatives})(?![^/\\{_PATH_END}]){_PATH_TAIL}")
+
+
+def _owned_directories() -> tuple[str, ...]:
+    """The absolute directories whose paths are the server's own: its home (and the storage and
+    data directories), the temp dir, the working directory. Never raises."""
+    directories: list[Path] = []
+    # Unreadable settings (or a deleted working directory) must not break rendering an error.
+    with contextlib.suppress(Exception):
+        from app.config import get_settings  # lazily: config must stay free to import errors
+
+        settings = get_settings()
+        directories += [settings.home, settings.resolved_storage_dir, settings.resolved_data_dir]
+    for where in (tempfile.gettempdir, os.getcwd):
+        with contextlib.suppress(Exception):
+            directories.append(Path(where()))
+    found: set[str] = set()
+    for directory in directories:
+        try:
+            forms = {directory.absolute(), directory.resolve()}
+        except Exception:
+            continue
+        # "/" or a bare drive would match every absolute path: never a prefix.
+        found.update(str(f) for f in forms if len(f.parts) > 1)
+    return tuple(sorted(found))
+
+
+def _file_name(match: re.Match[str]) -> str:
+    path = match.group(0)
+    stripped = path.rstrip(_TRAILING_PUNCTUATION)
+    name = next((part for part in reversed(re.split(r"[/\\]", stripped)) if part), stripped)
+    return name + path[len(stripped) :]
+
+
+def redact_paths(value: Any, prefixes: tuple[str, ...] | None = None) -> Any:
+    """``value`` with every path under the server's own directories cut to its file name
+    (``/root/.distill/staging/3f2a`` becomes ``3f2a``), in strings and inside lists and dicts."""
+    if prefixes is None:
+        prefixes = _owned_directories()
+    if not prefixes:
+        return value
+    if isinstance(value, str):
+        return _owned_path_pattern(prefixes).sub(_file_name, value)
+    if isinstance(value, list):
+        return [redact_paths(v, prefixes) for v in value]
+    if isinstance(value, tuple):
+        return tuple(redact_paths(v, prefixes) for v in value)
+    if isinstance(value, dict):
+        return {k: redact_paths(v, prefixes) for k, v in value.items()}
+    return value
 
 
 def problem(
     status: int, code: str, detail: str, title: str | None = None, **extra: Any
 ) -> dict[str, Any]:
-    """The RFC 9457 body of every error; ``title`` defaults to the HTTP status phrase."""
+    """The RFC 9457 body of every error; ``title`` defaults to the HTTP status phrase. No path
+    under the server's own directories leaves in ``detail`` or the extras: only its file name."""
+    prefixes = _owned_directories()
     return {
         "type": f"https://distill.dev/problems/{code}",
         "title": HTTPStatus(status).phrase if title is None else title,
         "status": status,
-        "detail": detail,
+        "detail": redact_paths(detail, prefixes),
         "code": code,
-        **extra,
+        **{key: redact_paths(value, prefixes) for key, value in extra.items()},
     }
 
 
 class AppError(Exception):
+    """``code`` is the class's unless one is given: a family of refusals (a preflight's, say)
+    shares a status and title while each keeps its own code."""
+
     status: ClassVar[int] = 400
-    code: ClassVar[str] = "bad_request"
+    code: str = "bad_request"
     title: ClassVar[str] = "Bad request"
 
-    def __init__(self, detail: str, **extra: Any) -> None:
+    def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+        if code is not None:
+            self.code = code
 
     def problem(self) -> dict[str, Any]:
         return problem(self.status, self.code, self.detail, self.title, **self.extra)
@@ -60,6 +137,17 @@ class InvalidModel(InvalidInput):
 
 class InvalidDataset(InvalidInput):
     code, title = "invalid_dataset", "Invalid dataset file"
+
+
+class LabelsNotZeroBased(InvalidDataset):
+    code, title = "labels_not_zero_based", "Labels do not start at 0"
+
+
+class PreflightFailed(InvalidInput):
+    """The teacher, run on a sample of the data, shows the student would be meaningless; each
+    cause has its own ``code`` (``teacher_non_finite``, ``teacher_below_chance``...)."""
+
+    code, title = "preflight_failed", "The teacher and the data do not fit"
 
 
 class DatasetUnavailable(InvalidInput):

@@ -91,6 +91,9 @@ class Teacher(Base):
     architecture: Mapped[dict[str, Any] | None]
     # What feature methods can hook: [{"name", "shape", "kind"}] (see app.ml.layers).
     feature_layers: Mapped[list[dict[str, Any]] | None]
+    # How the class scores were chosen among the outputs and how their kind is known
+    # (app.ml.teacher_formats.base.ScoresChoice); null for teachers uploaded before it existed.
+    scores_choice: Mapped[dict[str, Any] | None]
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -107,6 +110,9 @@ class Dataset(Base):
     test_size: Mapped[int]
     has_test_split: Mapped[bool]
     labelled: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # The stored inputs' dtype and value range (app.datasets.arrays.InputStats); null for uploads
+    # from before it was recorded.
+    input_stats: Mapped[dict[str, Any] | None]
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -127,6 +133,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     result: Mapped[dict[str, Any] | None]
     error: Mapped[dict[str, Any] | None]
+    # What the preflight found (app.jobs.preflight.PreflightReport), warnings included.
+    preflight: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]

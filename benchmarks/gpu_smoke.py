@@ -29,7 +29,7 @@ SIGNATURE = ModelSignature.for_tensor((1, 28, 28), 10)
 
 def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        from worker.data import load_builtin
+        from app.datasets.loading import load_builtin
 
         arrays = load_builtin("builtin:fashion-mnist")
         assert arrays.y_train is not None  # the builtin set is labelled

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.datasets.arrays import DatasetArrays  # noqa: E402
+from app.datasets.loading import load_builtin  # noqa: E402
 from app.jobs.features import default_layer_pair  # noqa: E402
 from app.jobs.methods import FeatureMethod  # noqa: E402
 from app.jobs.schemas import DistillationSpec  # noqa: E402
 from app.ml.layers import feature_layers  # noqa: E402
 from app.ml.students import CnnSpec, MlpSpec, build_student, parameter_count  # noqa: E402
 from app.ml.teacher_formats.safetensors import TeacherConfig  # noqa: E402
-from worker.data import load_builtin  # noqa: E402
 from worker.recipe import DistillationRecipe, RecipeInputs  # noqa: E402
 from worker.teachers import TeacherRecord  # noqa: E402
 

@@ -175,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from worker.data import load_builtin
+    from app.datasets.loading import load_builtin
 
     data = load_builtin(DATASET)
     assert data.y_train is not None

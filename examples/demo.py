@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.datasets.builtins import is_available  # noqa: E402
-from worker.data import load_builtin  # noqa: E402
+from app.datasets.loading import load_builtin  # noqa: E402
 
 
 def free_port() -> int:

@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.datasets.arrays import DatasetArrays
+from app.datasets.loading import load_builtin
 from app.ml.signature import ModelSignature
 from app.ml.students import CnnSpec, build_model, family_of, parameter_count
 from app.ml.teacher_formats.safetensors import TeacherConfig
-from worker.data import load_builtin
 
 SPEC = CnnSpec(channels=[32, 64], hidden_sizes=[512], dropout=0.3)
 BATCH_SIZE = 128

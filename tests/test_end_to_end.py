@@ -15,10 +15,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.cli import worker_command
+from app.datasets.loading import load_builtin
 from tests.helpers.api import job_body, npz_bytes, upload_safetensors_teacher, upload_teacher
 from tests.helpers.stacks import REDIS_URL, Stack
 from tests.helpers.teachers import TeacherFiles
-from worker.data import load_builtin
 
 pytestmark = pytest.mark.e2e
 StartWorker = Callable[..., subprocess.Popen[bytes]]

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.jobs import repository
+from app.jobs.preflight import PreflightReport, PreflightTeacher
 from app.models import JobPhase
 from worker.recipe import Cancelled
 
@@ -54,6 +55,21 @@ class Attempt:
         self._beat(phase=phase)
         if self._cancel_requested:
             raise Cancelled(self.job_id)
+
+    def preflight(self, report: PreflightReport, teachers: list[PreflightTeacher]) -> None:
+        settled = [
+            (
+                t.id,
+                t.signature.model_dump(mode="json"),
+                t.choice.model_dump(mode="json"),
+                [layer.model_dump() for layer in t.feature_layers],
+            )
+            for t in teachers
+        ]
+        report_json = report.model_dump(mode="json")
+        self._beat(
+            lambda session: repository.record_preflight(session, self.job_id, report_json, settled)
+        )
 
     def progress(self, fraction: float) -> None:
         # Throttled: one small write every interval, however fast the steps are.

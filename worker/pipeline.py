@@ -11,15 +11,17 @@ from sqlalchemy import select
 
 from app.config import Settings, get_settings
 from app.datasets.arrays import DatasetArrays
+from app.datasets.loading import load_builtin, load_uploaded
 from app.db import session_scope
 from app.errors import AppError
 from app.jobs import repository
 from app.jobs.schemas import DistillationSpec
+from app.ml.layers import FeatureLayer
 from app.ml.signature import ModelSignature
+from app.ml.teacher_formats import ScoresChoice
 from app.models import ArtifactFormat, Dataset, Job, JobPhase, JobStatus, JobTeacher, Teacher
 from app.storage import get_store, keys, sha256_file
 from worker.attempt import Attempt, JobSuperseded
-from worker.data import load_builtin, load_uploaded
 from worker.recipe import Cancelled, DistillationRecipe, JobFailure, RecipeInputs
 from worker.teachers import TeacherRecord
 
@@ -54,7 +56,8 @@ def load_dataset(ref: str) -> DatasetArrays:
         if dataset is None:
             raise JobFailure("dataset_missing", f"Dataset {ref} no longer exists.")
         key = dataset.storage_key
-    return load_uploaded(get_store().path(key))
+        classes = ModelSignature.model_validate(dataset.signature).scores.classes
+    return load_uploaded(get_store().path(key), classes)
 
 
 def read_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord]]:
@@ -81,6 +84,12 @@ def read_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord]]:
                     parameter_count=teacher.parameter_count,
                     signature=ModelSignature.model_validate(teacher.signature),
                     architecture=teacher.architecture,
+                    scores_choice=None
+                    if teacher.scores_choice is None
+                    else ScoresChoice.model_validate(teacher.scores_choice),
+                    feature_layers=tuple(
+                        FeatureLayer.model_validate(layer) for layer in teacher.feature_layers or []
+                    ),
                 )
             )
     if len(records) != len(spec.teacher_weights):

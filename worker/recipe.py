@@ -10,6 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from math import isfinite
 from pathlib import Path
 from typing import Protocol
 
@@ -17,7 +18,16 @@ import numpy as np
 import torch
 
 from app.datasets.arrays import DatasetArrays
+from app.errors import PreflightFailed
 from app.jobs.methods import FeatureMethod
+from app.jobs.preflight import (
+    PreflightReport,
+    PreflightTeacher,
+    refuse_non_finite,
+    run_preflight,
+    settle_scores,
+    teacher_inputs,
+)
 from app.jobs.schemas import DistillationSpec, JobResult, TeacherScore
 from app.ml.hooks import FeatureTap
 from app.ml.layers import feature_layers
@@ -56,6 +66,9 @@ class RecipeEvents(Protocol):
     def phase(self, phase: JobPhase) -> None:
         """A phase begins. May raise ``Cancelled``."""
 
+    def preflight(self, report: PreflightReport, teachers: list[PreflightTeacher]) -> None:
+        """The preflight passed; ``teachers`` carry what it settled about each teacher."""
+
     def keep_alive(self) -> None:
         """Called during slow work outside the loop (teacher passes)."""
 
@@ -76,6 +89,9 @@ class SilentEvents:
     """Events that go nowhere: for benchmarks and tests that only want the result."""
 
     def phase(self, phase: JobPhase) -> None:
+        pass
+
+    def preflight(self, report: PreflightReport, teachers: list[PreflightTeacher]) -> None:
         pass
 
     def keep_alive(self) -> None:
@@ -150,6 +166,7 @@ class DistillationRecipe:
     test_split: Batch
     student: torch.nn.Sequential
     resumed_from_epoch: int | None
+    preflight: PreflightReport
 
     def __init__(self, inputs: RecipeInputs, events: RecipeEvents | None = None) -> None:
         self.inputs = inputs
@@ -178,24 +195,52 @@ class DistillationRecipe:
         return self.export(result)
 
     def prepare(self) -> None:
-        """Check the data against the teacher's signature, describe the student, open the
-        teachers."""
-        data = self.inputs.data.signature
+        """Open the teachers, run the preflight (which may settle their scores), check the data
+        against the teacher's signature, describe the student.
+
+        Raises:
+            PreflightFailed: the student would be meaningless (its ``code`` says why).
+            JobFailure: ``shape_mismatch``.
+        """
+        data = self.inputs.data
+        first = self.inputs.teachers[0]
+        # The scores the preflight will settle on, if the upload could not tell which they are.
+        signature = settle_scores(
+            first.signature, list(first.feature_layers), first.choice, len(data.classes)
+        )[0]
         try:
-            check_compatible(self.signature, data, field="dataset")
+            check_compatible(signature, data.signature, field="dataset")
         except SignatureMismatch as e:
             raise JobFailure("shape_mismatch", e.detail) from e
-        # The student takes the teacher's inputs, made from records as the dataset's were, and
-        # always outputs logits, named as every artifact names them, one per teacher score
-        # (which may be more than the dataset's classes).
-        classes = data.class_names
+        self.backends = [t.open(self.inputs.device) for t in self.inputs.teachers]
+        checked = [
+            PreflightTeacher(t.id, backend, t.choice, list(t.feature_layers))
+            for t, backend in zip(self.inputs.teachers, self.backends, strict=True)
+        ]
+        self.preflight = run_preflight(checked, data, stage="worker")
+        self.events.preflight(self.preflight, checked)
+        self.signature = self.backends[0].signature
+        # The student takes the dataset's inputs as stored (its standardisation absorbs any
+        # scaling the teacher declared) and always outputs logits, named as every artifact names
+        # them, one per teacher score (which may be more than the dataset's classes), named as
+        # the teacher names them, else as the dataset does.
+        classes = self.signature.scores.classes or data.classes
         self.student_signature = ModelSignature.for_tensor(
-            self.signature.input_shape,
+            data.input_shape,
             self.signature.num_classes,
             classes=classes + [str(i) for i in range(len(classes), self.signature.num_classes)],
             preprocessing=data.preprocessing,
         )
-        self.backends = [t.open(self.inputs.device) for t in self.inputs.teachers]
+
+    def labels(self, y: np.ndarray) -> np.ndarray:
+        """Dataset labels as teacher classes (mapped by name when the two name them apart)."""
+        mapping = self.preflight.label_map
+        return y if mapping is None else np.asarray(mapping, dtype=np.int64)[y]
+
+    def teacher_inputs(self, x: np.ndarray, backend: TeacherBackend) -> np.ndarray:
+        """The dataset's inputs as ``backend``'s teacher declared it takes them."""
+        preprocessing = backend.signature.preprocessing
+        return teacher_inputs(x, self.inputs.data.preprocessing, preprocessing)
 
     def teacher_outputs(self) -> None:
         """Each teacher's logits on the train and test inputs (cached by content), mixed into one
@@ -205,17 +250,26 @@ class DistillationRecipe:
         self.per_teacher, self.cache_hits = [], []
         for record, backend in zip(self.inputs.teachers, self.backends, strict=True):
             run = partial(backend.logits, on_batch=self.events.keep_alive)
-            splits = {"train": data.x_train, "test": data.x_test}
+            splits = {
+                "train": self.teacher_inputs(data.x_train, backend),
+                "test": self.teacher_inputs(data.x_test, backend),
+            }
             if self.inputs.cache_dir is None:
                 logits, hit = {name: run(x) for name, x in splits.items()}, False
             else:
+                # What the logits depend on besides the file and the data: which output, of
+                # which kind, fed how.
+                scores = backend.signature.scores
+                variant = f"{scores.name}:{scores.kind}:{backend.signature.preprocessing}"
                 logits, hit = cached_teacher_logits(
                     self.inputs.cache_dir,
-                    cache_key(record.sha256, self.dataset_digest),
+                    cache_key(record.sha256, self.dataset_digest, variant),
                     splits,
                     run,
                     max_bytes=self.inputs.cache_max_bytes,
                 )
+            for split, values in logits.items():
+                refuse_non_finite(values, record.id, f"{split} samples")
             self.per_teacher.append(logits)
             self.cache_hits.append(hit)
         temperature = self.spec.distillation.teacher_temperature
@@ -225,7 +279,9 @@ class DistillationRecipe:
         }
         # Label-free: on an unlabelled transfer set the teacher's top-1 predictions stand in for
         # labels (for the cross-entropy terms and for choosing the best epoch).
-        y_train = mixed["train"].argmax(axis=1) if data.y_train is None else data.y_train
+        y_train = (
+            mixed["train"].argmax(axis=1) if data.y_train is None else self.labels(data.y_train)
+        )
         train_arrays, val_arrays = split_validation(
             data.x_train, y_train, mixed["train"], training.seed
         )
@@ -233,7 +289,7 @@ class DistillationRecipe:
         self.train_split = to_batch(train_arrays, self.signature, device)
         self.val_split = to_batch(val_arrays, self.signature, device)
         self.test_split = to_batch(
-            (data.x_test, data.y_test, mixed["test"]), self.signature, device
+            (data.x_test, self.labels(data.y_test), mixed["test"]), self.signature, device
         )
 
     def build_student(self) -> torch.nn.Sequential:
@@ -253,7 +309,7 @@ class DistillationRecipe:
         assert method.layers is not None  # resolved at submission
         device = self.inputs.device
         features = self.backends[0].features(
-            self.train_split.x.cpu().numpy(),
+            self.teacher_inputs(self.train_split.x.cpu().numpy(), self.backends[0]),
             [pair.teacher for pair in method.layers],
             on_batch=self.events.keep_alive,
         )
@@ -308,12 +364,26 @@ class DistillationRecipe:
         return outcome
 
     def evaluate(self, outcome: LoopOutcome) -> JobResult:
-        """The best student and the teacher on the test split (export figures still unset)."""
-        test, data = self.test_split, self.inputs.data
+        """The best student and the teacher on the test split (export figures still unset).
+
+        Raises:
+            PreflightFailed: ``teacher_below_chance`` on the whole test split (the preflight saw
+                a sample).
+        """
+        test = self.test_split
         num_classes = self.signature.num_classes
         student_logits = predict_logits(self.student, test.x)
         student_test = logit_metrics(student_logits, test.teacher_logits, test.labels)
         teacher_test = logit_metrics(test.teacher_logits, test.teacher_logits, test.labels)
+        chance = torch.bincount(test.labels).max().item() / len(test)
+        if teacher_test["accuracy"] <= chance and teacher_test["accuracy"] < 1:
+            raise PreflightFailed(
+                f"The teacher gets {teacher_test['accuracy']:.1%} of the {len(test)} test samples "
+                f"right, no better than chance ({chance:.1%}: always answering the most frequent "
+                "label); a student distilled from it means nothing. Check that the test labels "
+                "index the teacher's classes.",
+                code="teacher_below_chance",
+            )
         student_parameters = parameter_count(self.student)
         teacher_parameters = sum(t.parameter_count for t in self.inputs.teachers)
         return JobResult(
@@ -337,9 +407,7 @@ class DistillationRecipe:
                 TeacherScore(
                     id=record.id,
                     weight=weight,
-                    accuracy=accuracy(
-                        torch.from_numpy(logits["test"]), torch.from_numpy(data.y_test)
-                    ),
+                    accuracy=accuracy(torch.from_numpy(logits["test"]), test.labels.cpu()),
                 )
                 for record, weight, logits in zip(
                     self.inputs.teachers, self.weights, self.per_teacher, strict=True
@@ -351,7 +419,8 @@ class DistillationRecipe:
             early_stopped=outcome.early_stopped,
             resumed_from_epoch=self.resumed_from_epoch,
             teacher_outputs_cached=all(self.cache_hits),
-            label_free=data.y_train is None,
+            teacher_fixed_batch=next((b.fixed_batch for b in self.backends if b.fixed_batch), None),
+            label_free=self.inputs.data.y_train is None,
             train_samples=len(self.train_split),
             val_samples=len(self.val_split),
             test_samples=len(test),
@@ -406,6 +475,17 @@ class _LoopCallbacks:
         self.events.progress(fraction)
 
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        """Raises ``JobFailure`` (``non_finite_loss``) when a training term diverged: its figures
+        would be stored as null, and the weights are no longer usable."""
+        diverged = sorted(
+            k for k, v in values.items() if k.startswith("train_") and not isfinite(v)
+        )
+        if diverged:
+            raise JobFailure(
+                "non_finite_loss",
+                f"Training diverged in epoch {epoch}: {', '.join(diverged)} became NaN or "
+                "infinite. Lower `training.learning_rate`, or set `training.grad_clip_norm`.",
+            )
         self.events.epoch_end(epoch, values)
 
     def should_stop(self) -> bool:

@@ -20,8 +20,10 @@ TOP_K_ABOVE_CLASSES = 1024
 TOP_K = 64
 
 
-def cache_key(teacher_sha256: str, dataset_digest: str) -> str:
-    text = f"{PREPROCESSING_VERSION}:{teacher_sha256}:{dataset_digest}"
+def cache_key(teacher_sha256: str, dataset_digest: str, variant: str = "") -> str:
+    """The entry of one teacher file on one dataset; ``variant`` names what else the logits
+    depend on (which output, its kind, the declared preprocessing)."""
+    text = f"{PREPROCESSING_VERSION}:{teacher_sha256}:{dataset_digest}:{variant}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

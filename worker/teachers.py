@@ -10,8 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.ml.layers import FeatureLayer
 from app.ml.signature import ModelSignature
-from app.ml.teacher_formats import FORMATS, TeacherBackend, inspect_teacher
+from app.ml.teacher_formats import (
+    FORMATS,
+    ScoresChoice,
+    TeacherBackend,
+    TeacherDeclarations,
+    inspect_teacher,
+)
 from app.storage import sha256_file
 
 
@@ -27,12 +34,23 @@ class TeacherRecord:
     parameter_count: int
     signature: ModelSignature
     architecture: dict[str, Any] | None
+    # None for teachers uploaded before choices were recorded: the first output, assumed logits.
+    scores_choice: ScoresChoice | None = None
+    feature_layers: tuple[FeatureLayer, ...] = ()
 
     @classmethod
-    def from_file(cls, path: Path, config: dict[str, Any] | None = None) -> "TeacherRecord":
+    def from_file(
+        cls,
+        path: Path,
+        config: dict[str, Any] | None = None,
+        declared: TeacherDeclarations | None = None,
+    ) -> "TeacherRecord":
         """A teacher file as an upload would store it (benchmarks and tests, no database);
-        ``config`` is a safetensors teacher's architecture config."""
-        info = inspect_teacher(path, path.name, None if config is None else json.dumps(config))
+        ``config`` is a safetensors teacher's architecture config, ``declared`` the upload's
+        other form fields."""
+        info = inspect_teacher(
+            path, path.name, None if config is None else json.dumps(config), declared
+        )
         return cls(
             id=path.stem,
             format=info.format,
@@ -42,7 +60,13 @@ class TeacherRecord:
             parameter_count=info.parameter_count,
             signature=info.signature,
             architecture=info.architecture,
+            scores_choice=info.scores_choice,
+            feature_layers=tuple(info.feature_layers),
         )
+
+    @property
+    def choice(self) -> ScoresChoice:
+        return self.scores_choice or ScoresChoice(output=self.signature.scores.name, by="position")
 
     def open(self, device: torch.device) -> TeacherBackend:
         return FORMATS[self.format].open(self.path, self.signature, self.architecture, device)

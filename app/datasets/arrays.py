@@ -4,11 +4,60 @@ Builtin loaders (``app.datasets.builtins``) and the worker's upload loader both 
 """
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from app.ml.signature import AnyPreprocessing, ModelSignature, RawTensors
+
+# Elements per block when a check needs a temporary array (bounds its memory).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class InputStats(BaseModel):
+    """What an upload's inputs look like: enough to tell raw pixels from scaled ones, say.
+    Values are those training sees (float32); ``dtype`` is the one uploaded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dtype: str  # numpy dtype name of `x` as uploaded, before the float32 cast
+    min: float  # over x and x_test
+    max: float
+    integer_valued: bool  # every value is a whole number
+    constant_features: int  # per-sample positions of `x` equal in every sample
+
+
+def _integer_valued(a: np.ndarray) -> bool:
+    if a.dtype.kind in "iub":
+        return True
+    rows = max(1, _BLOCK_ELEMENTS // max(1, math.prod(a.shape[1:])))
+    for start in range(0, len(a), rows):
+        block = a[start : start + rows]
+        if not np.array_equal(np.trunc(block), block):
+            return False
+    return True
+
+
+def input_stats(
+    x: np.ndarray, x_test: np.ndarray | None, *, dtype: str | None = None
+) -> InputStats:
+    """Stats of inputs ``x`` (and ``x_test``), shaped [samples, features...] and finite.
+
+    ``dtype`` names the uploaded dtype when ``x`` is already cast (default: ``x.dtype``); an
+    integer or bool dtype is whole-valued without a scan. Only reductions and bounded blocks:
+    the arrays are never copied whole.
+    """
+    arrays = [a for a in (x, x_test) if a is not None and a.size]
+    name = x.dtype.name if dtype is None else np.dtype(dtype).name
+    return InputStats(
+        dtype=name,
+        min=min(float(a.min()) for a in arrays),
+        max=max(float(a.max()) for a in arrays),
+        integer_valued=np.dtype(name).kind in "iub" or all(_integer_valued(a) for a in arrays),
+        constant_features=int(np.count_nonzero(x.min(axis=0) == x.max(axis=0))),
+    )
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
 
-from app.errors import InvalidDataset
+from app.errors import InvalidDataset, LabelsNotZeroBased
 from app.ml.signature import MAX_RANK
 
 ALLOWED_ARRAYS = {"x", "y", "x_test", "y_test"}
@@ -21,21 +23,91 @@ HOLDOUT_SEED = 0
 
 @dataclass(frozen=True)
 class NpzDataset:
-    """``y`` is None for an unlabelled transfer set (which then has a labelled test split)."""
+    """``y`` is None for an unlabelled transfer set (which then has a labelled test split).
+    ``x`` and ``x_test`` are cast to float32; ``x_dtype`` names the dtype ``x`` was stored in."""
 
     x: np.ndarray
     y: np.ndarray | None
     x_test: np.ndarray | None
     y_test: np.ndarray | None
+    x_dtype: str
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
     @property
+    def label_range(self) -> tuple[int, int]:
+        """The smallest and largest label over ``y`` and ``y_test``."""
+        labels = [a for a in (self.y, self.y_test) if a is not None and len(a)]
+        return min(int(a.min()) for a in labels), max(int(a.max()) for a in labels)
+
+    @property
     def num_classes(self) -> int:
-        labels = [a for a in (self.y, self.y_test) if a is not None]
-        return int(max(int(a.max()) for a in labels)) + 1
+        """Classes counted from the labels: the largest label + 1."""
+        return self.label_range[1] + 1
+
+
+ClassNames = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=255)]],
+    Field(min_length=1, max_length=MAX_CLASSES),
+]
+_CLASS_NAMES: TypeAdapter[list[str]] = TypeAdapter(ClassNames)
+
+
+def parse_classes(raw: str) -> list[str]:
+    """The ``classes`` form field: a JSON list of unique, non-empty names (one per label value).
+
+    Raises:
+        InvalidDataset: 422 naming field ``classes``.
+    """
+    try:
+        names = _CLASS_NAMES.validate_json(raw)
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        where = "".join(f"[{p}]" for p in error["loc"])
+        raise InvalidDataset(
+            f"`classes` must be a JSON list of 1 to {MAX_CLASSES} unique, non-empty class names "
+            f"of at most 255 characters; {where + ': ' if where else ''}{error['msg']}.",
+            field="classes",
+        ) from e
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InvalidDataset(
+                f"`classes` names {name!r} more than once; class names must be unique.",
+                field="classes",
+            )
+        seen.add(name)
+    return names
+
+
+def check_labels(data: NpzDataset, classes: list[str] | None) -> None:
+    """Labels index the class names: below ``len(classes)``, or, unnamed, starting at 0.
+
+    Raises:
+        InvalidDataset: a label has no name in ``classes`` (field ``classes``).
+        LabelsNotZeroBased: no ``classes`` and the smallest label is above 0 (field ``y``, or
+            ``y_test`` for an unlabelled transfer set).
+    """
+    low, high = data.label_range
+    if classes is not None:
+        if high >= len(classes):
+            raise InvalidDataset(
+                f"`classes` names {len(classes)} classes (label values 0 to {len(classes) - 1}), "
+                f"but the labels go up to {high}: give one name per label value, index 0 "
+                "included.",
+                field="classes",
+            )
+        return
+    if low > 0:
+        raise LabelsNotZeroBased(
+            f"Labels run from {low} to {high}, but class indices start at 0: "
+            f"{high - low + 1} classes would be counted as {high + 1}. Subtract {low} from the "
+            "labels, or name the classes with the `classes` form field (one name per label "
+            "value, index 0 included).",
+            field="y" if data.y is not None else "y_test",
+        )
 
 
 def holdout_test_size(n: int) -> int:
@@ -84,6 +156,7 @@ def _check_archive(path: Path, max_bytes: int) -> None:
 
 
 def _inputs(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` checked and cast to float32."""
     if a.dtype.kind not in "fiub" or not 2 <= a.ndim <= MAX_RANK + 1 or 0 in a.shape[1:]:
         raise InvalidDataset(
             f"`{name}` must be a numeric array shaped [samples, features...] (1 to {MAX_RANK} "
@@ -148,4 +221,4 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
         if len(x_test) == 0:
             raise InvalidDataset("`x_test` is empty.", field="x_test")
         y_test = _labels(arrays["y_test"], "y_test", len(x_test))
-    return NpzDataset(x, y, x_test, y_test)
+    return NpzDataset(x, y, x_test, y_test, x_dtype=arrays["x"].dtype.name)

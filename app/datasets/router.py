@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, UploadFile, status
 
 from app.datasets import service
+from app.datasets.npz import parse_classes
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 
@@ -16,8 +17,16 @@ def upload_dataset(
     settings: SettingsDep,
     file: UploadFile,
     name: Annotated[str | None, Form(max_length=255)] = None,
+    classes: Annotated[
+        str | None,
+        Form(
+            description="JSON list of unique class names, one per label value (index 0 "
+            "included). Without it, labels must start at 0 and classes are only counted."
+        ),
+    ] = None,
 ) -> DatasetOut:
     """Upload an `.npz` dataset with arrays `x`, `y` and optionally `x_test`, `y_test`."""
+    names = None if classes is None else parse_classes(classes)
     upload = store.receive(file.file, max_bytes=settings.max_dataset_bytes)
     dataset = service.create_dataset(
         session,
@@ -25,6 +34,7 @@ def upload_dataset(
         upload=upload,
         max_bytes=4 * settings.max_dataset_bytes,
         name=(name or file.filename or "dataset")[:255],
+        classes=names,
     )
     return service.uploaded_out(dataset)
 

@@ -3,6 +3,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.datasets.arrays import InputStats
 from app.ml.signature import ModelSignature
 
 
@@ -20,6 +21,12 @@ class DatasetOut(BaseModel):
     available: bool
     labelled: bool = True
     has_test_split: bool = True
+    input_stats: InputStats | None = Field(
+        default=None,
+        description=(
+            "The stored inputs' dtype and value range; null for builtins and older uploads."
+        ),
+    )
     sha256: str | None = None
     size_bytes: int | None = None
     created_at: datetime | None = None

@@ -3,8 +3,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.datasets.arrays import InputStats, input_stats
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset
-from app.datasets.npz import holdout_test_size, read_dataset_npz
+from app.datasets.npz import check_labels, holdout_test_size, read_dataset_npz
 from app.datasets.schemas import DatasetOut
 from app.errors import DatasetUnavailable, InvalidSpec, NotFound
 from app.ml.signature import ModelSignature
@@ -35,6 +36,9 @@ def uploaded_out(dataset: Dataset) -> DatasetOut:
         available=True,
         labelled=dataset.labelled,
         has_test_split=dataset.has_test_split,
+        input_stats=(
+            None if dataset.input_stats is None else InputStats.model_validate(dataset.input_stats)
+        ),
         sha256=dataset.sha256,
         size_bytes=dataset.size_bytes,
         created_at=dataset.created_at,
@@ -69,11 +73,22 @@ def dataset_out(session: Session, ref: str) -> DatasetOut:
 
 
 def create_dataset(
-    session: Session, *, store: ArtifactStore, upload: StoredFile, max_bytes: int, name: str
+    session: Session,
+    *,
+    store: ArtifactStore,
+    upload: StoredFile,
+    max_bytes: int,
+    name: str,
+    classes: list[str] | None = None,
 ) -> Dataset:
-    """Check the staged ``.npz`` fully (shapes, dtypes, labels, NaN) before keeping it."""
+    """Check the staged ``.npz`` fully (shapes, dtypes, labels, NaN) before keeping it.
+
+    ``classes`` names the label values (``parse_classes``); without it labels must start at 0.
+    """
     try:
         data = read_dataset_npz(upload.path, max_bytes=max_bytes)
+        check_labels(data, classes)
+        stats = input_stats(data.x, data.x_test, dtype=data.x_dtype)
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
@@ -86,13 +101,16 @@ def create_dataset(
         name=name,
         sha256=upload.sha256,
         size_bytes=upload.size_bytes,
-        signature=ModelSignature.for_tensor(data.input_shape, data.num_classes).model_dump(
-            mode="json"
-        ),
+        signature=ModelSignature.for_tensor(
+            data.input_shape,
+            data.num_classes if classes is None else len(classes),
+            classes=classes,
+        ).model_dump(mode="json"),
         train_size=train_size,
         test_size=test_size,
         has_test_split=data.x_test is not None,
         labelled=data.y is not None,
+        input_stats=stats.model_dump(mode="json"),
         storage_key="",
     )
     session.add(dataset)

@@ -21,6 +21,7 @@ from app.models import (
     JobPhase,
     JobStatus,
     JobTeacher,
+    Teacher,
     utcnow,
 )
 
@@ -125,6 +126,24 @@ def heartbeat(session: Session, job_id: str, attempt: int, **values: Any) -> boo
         .returning(Job.cancel_requested)
     ).scalar_one_or_none()
     return None if flag is None else bool(flag)
+
+
+def record_preflight(
+    session: Session,
+    job_id: str,
+    report: dict[str, Any],
+    teachers: Iterable[tuple[str, dict[str, Any], dict[str, Any], list[dict[str, Any]]]],
+) -> None:
+    """Keep a preflight's report on the job, and what it settled about each teacher
+    ``(id, signature, scores_choice, feature_layers)`` on the teacher: which output holds its
+    scores and their kind are facts of the model, learnt once."""
+    session.execute(update(Job).where(Job.id == job_id).values(preflight=report))
+    for teacher_id, signature, choice, layers in teachers:
+        session.execute(
+            update(Teacher)
+            .where(Teacher.id == teacher_id)
+            .values(signature=signature, scores_choice=choice, feature_layers=layers)
+        )
 
 
 def add_metrics(session: Session, job_id: str, epoch: int, values: dict[str, float]) -> None:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.jobs.methods import DistillationMethod, KnowledgeDistillation
+from app.jobs.preflight import PreflightReport
 from app.ml.students import StudentSpec
 
 
@@ -112,6 +113,11 @@ class JobResult(BaseModel):
     early_stopped: bool = False
     resumed_from_epoch: int | None = None
     teacher_outputs_cached: bool = False
+    teacher_fixed_batch: int | None = Field(
+        default=None,
+        description="The batch size a teacher's graph fixes: it ran that many samples at a time, "
+        "and its latency is that of one such batch.",
+    )
     label_free: bool = False
     train_samples: int
     val_samples: int
@@ -142,6 +148,11 @@ class JobOut(BaseModel):
     latest_metrics: dict[str, Any] | None = None
     result: JobResult | None
     error: dict[str, Any] | None
+    preflight: PreflightReport | None = Field(
+        default=None,
+        description="What the preflight found before training (at submission when the files "
+        "are small, else as the job's first step), warnings included; null until it ran.",
+    )
 
 
 class JobPage(BaseModel):

@@ -1,27 +1,44 @@
 from typing import Any
 
+import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.datasets.service import resolve_dataset
+from app.datasets.loading import load_builtin, load_uploaded
+from app.datasets.service import DatasetSummary, resolve_dataset
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.jobs import repository
 from app.jobs.features import resolve_layer_pairs
 from app.jobs.methods import FeatureMethod
+from app.jobs.preflight import PreflightReport, PreflightTeacher, run_preflight, settle_scores
 from app.jobs.schemas import DistillationSpec, JobOut
+from app.ml.layers import FeatureLayer
 from app.ml.signature import ModelSignature, SignatureMismatch, check_compatible
 from app.ml.students import family_of
-from app.models import Job, JobMetric, JobStatus, Teacher
+from app.ml.teacher_formats import FORMATS, ScoresChoice
+from app.models import Dataset, Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
+from app.storage import get_store
 
 
 def _tensors(signature: ModelSignature) -> tuple[object, ...]:
     return (*((t.datatype, t.shape) for t in signature.inputs), signature.num_classes)
 
 
-def validate_spec(session: Session, spec: DistillationSpec) -> None:
-    """Everything that can be checked before queueing, so a mistake is a 422, not a failed job.
+def _choice(teacher: Teacher) -> ScoresChoice:
+    if teacher.scores_choice is None:  # uploaded before choices were recorded
+        return ScoresChoice(output=teacher.signature["outputs"][0]["name"], by="position")
+    return ScoresChoice.model_validate(teacher.scores_choice)
+
+
+def _layers(teacher: Teacher) -> list[FeatureLayer]:
+    return [FeatureLayer.model_validate(layer) for layer in teacher.feature_layers or []]
+
+
+def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
+    """Everything that can be checked before queueing, so a mistake is a 422, not a failed job;
+    returns the job's teachers, in order.
 
     Defaults that depend on the models (a feature method's layers) are filled into ``spec``.
     """
@@ -44,6 +61,10 @@ def validate_spec(session: Session, spec: DistillationSpec) -> None:
                 field=field,
             )
     dataset = resolve_dataset(session, spec.dataset)
+    # The scores a preflight would settle on, if the upload could not tell which output they are.
+    signature = settle_scores(
+        signature, _layers(teachers[0]), _choice(teachers[0]), dataset.signature.num_classes
+    )[0]
     try:
         check_compatible(signature, dataset.signature, field="dataset")
     except SignatureMismatch as e:
@@ -68,16 +89,55 @@ def validate_spec(session: Session, spec: DistillationSpec) -> None:
             dataset,
             get_settings().max_teacher_feature_bytes,
         )
+    return teachers
+
+
+def submission_preflight(
+    session: Session, teachers: list[Teacher], dataset: DatasetSummary
+) -> PreflightReport | None:
+    """The preflight, at submission, when the files are small enough to run it in the request
+    (``preflight_max_bytes``); what it settles is written to the teachers. None: too big, the
+    worker runs it as the job's first step.
+
+    Raises:
+        PreflightFailed: 422, with the cause's own code.
+    """
+    store = get_store()
+    size = sum(t.size_bytes for t in teachers)
+    upload = None if dataset.ref.startswith("builtin:") else session.get(Dataset, dataset.ref)
+    size += 0 if upload is None else upload.size_bytes
+    if size > get_settings().preflight_max_bytes:
+        return None
+    data = (
+        load_builtin(dataset.ref)
+        if upload is None
+        else load_uploaded(store.path(upload.storage_key), dataset.signature.scores.classes)
+    )
+    checked = []
+    for teacher in teachers:
+        signature = ModelSignature.model_validate(teacher.signature)
+        backend = FORMATS[teacher.format].open(
+            store.path(teacher.storage_key), signature, teacher.architecture, torch.device("cpu")
+        )
+        checked.append(PreflightTeacher(teacher.id, backend, _choice(teacher), _layers(teacher)))
+    report = run_preflight(checked, data, stage="submission")
+    for teacher, settled in zip(teachers, checked, strict=True):
+        teacher.signature = settled.signature.model_dump(mode="json")
+        teacher.scores_choice = settled.choice.model_dump(mode="json")
+        teacher.feature_layers = [layer.model_dump() for layer in settled.feature_layers]
+    return report
 
 
 def create_job(session: Session, spec: DistillationSpec) -> Job:
-    validate_spec(session, spec)
+    teachers = validate_spec(session, spec)
+    report = submission_preflight(session, teachers, resolve_dataset(session, spec.dataset))
     job = repository.add_job(
         session,
         spec=spec.model_dump(mode="json", exclude_none=True),
         dataset_ref=spec.dataset,
         teacher_ids=[teacher_id for teacher_id, _ in spec.teacher_weights],
     )
+    job.preflight = None if report is None else report.model_dump(mode="json")
     enqueue_after_commit(session, job.id)
     return job
 
@@ -132,6 +192,7 @@ def _job_out(job: Job, metrics: dict[str, Any] | None) -> JobOut:
         latest_metrics=metrics,
         result=job.result,
         error=job.error,
+        preflight=job.preflight,
     )
 
 

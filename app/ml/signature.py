@@ -24,9 +24,14 @@ class Datatype(StrEnum):
     FP32 = "FP32"
     FP16 = "FP16"
     BF16 = "BF16"
+    FP64 = "FP64"
     INT64 = "INT64"
     INT32 = "INT32"
     BYTES = "BYTES"
+
+
+# Distill controls what it feeds a model: float data is cast to whichever float type it declares.
+FLOAT_DATATYPES = frozenset({Datatype.FP32, Datatype.FP16, Datatype.BF16, Datatype.FP64})
 
 
 class OutputKind(StrEnum):
@@ -201,9 +206,10 @@ class ModelSignature(_Frozen):
 def check_compatible(model: ModelSignature, data: ModelSignature, *, field: str) -> None:
     """Can ``data`` (a dataset's signature) feed ``model`` (a teacher's)?
 
-    Inputs are matched by position; datatypes must agree and fixed dimensions must be equal
-    (a symbolic model dimension takes any size). The data may have fewer classes than the model
-    scores (a teacher trained on a superset), never more.
+    Inputs are matched by position; datatypes must agree (any float type feeds any other:
+    Distill casts) and fixed dimensions must be equal (a symbolic model dimension takes any
+    size). The data may have fewer classes than the model scores (a teacher trained on a
+    superset), never more.
 
     Raises:
         SignatureMismatch: naming ``field`` and the first disagreement.
@@ -222,7 +228,8 @@ def check_compatible(model: ModelSignature, data: ModelSignature, *, field: str)
         fixed_equal = len(expected.shape) == len(given.shape) and all(
             isinstance(e, str) or e == g for e, g in zip(expected.shape, given.shape, strict=True)
         )
-        if expected.datatype != given.datatype or not fixed_equal:
+        castable = {expected.datatype, given.datatype} <= FLOAT_DATATYPES
+        if (expected.datatype != given.datatype and not castable) or not fixed_equal:
             raise SignatureMismatch(
                 field,
                 f"The dataset's samples are {given.datatype} shaped {given.shape} but the "

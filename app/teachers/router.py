@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Response, UploadFile, status
 
 from app.dependencies import SessionDep, SettingsDep, StoreDep
+from app.ml.signature import OutputKind
 from app.teachers import service
 from app.teachers.schemas import TeacherList, TeacherOut
 
@@ -19,8 +20,34 @@ def upload_teacher(
     config: Annotated[
         str | None, Form(description="JSON architecture config (safetensors only).")
     ] = None,
+    output: Annotated[
+        str | None,
+        Form(
+            max_length=255,
+            description="The output holding the class scores, when the model returns several "
+            "(default: one named like `logits` or `probabilities`, else the one whose width is "
+            "the dataset's class count, else the first).",
+        ),
+    ] = None,
+    output_kind: Annotated[
+        OutputKind | None,
+        Form(description="What the scores are (default: detected from them by the preflight)."),
+    ] = None,
+    classes: Annotated[
+        str | None, Form(description="JSON list of class names, one per score.")
+    ] = None,
+    preprocessing: Annotated[
+        str | None,
+        Form(
+            description="JSON: how the teacher's inputs are made from the dataset's records, "
+            'e.g. `{"kind": "image", "scale": 0.00392156862745098}` (pixels / 255).'
+        ),
+    ] = None,
 ) -> TeacherOut:
     """Upload a teacher: an ONNX file, or safetensors weights with an architecture `config`."""
+    declared = service.declarations(
+        output=output, output_kind=output_kind, classes=classes, preprocessing=preprocessing
+    )
     upload = store.receive(file.file, max_bytes=settings.max_teacher_bytes)
     teacher = service.create_teacher(
         session,
@@ -29,6 +56,7 @@ def upload_teacher(
         filename=file.filename or "teacher",
         name=name,
         config=config,
+        declared=declared,
     )
     return TeacherOut.model_validate(teacher)
 

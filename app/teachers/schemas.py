@@ -5,6 +5,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from app.ml.layers import FeatureLayer
 from app.ml.signature import ModelSignature
+from app.ml.teacher_formats import ScoresChoice
 
 
 class TeacherOut(BaseModel):
@@ -24,6 +25,10 @@ class TeacherOut(BaseModel):
         description="Layers feature methods (`fitnets`, `at`, `sp`, `rkd`) can match, in forward "
         "order; for ONNX, the graph's outputs after the logits. Null for teachers uploaded before "
         "they were listed: upload again to use feature methods."
+    )
+    scores_choice: ScoresChoice | None = Field(
+        description="Which output holds the class scores and how their kind is known; null for "
+        "teachers uploaded before it was recorded."
     )
     created_at: datetime
 

@@ -1,20 +1,32 @@
 """Dataset uploads are checked fully before they are kept."""
 
 import io
+import json
 import zipfile
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from app import config
+from app.datasets import arrays
+from app.datasets.arrays import input_stats
+from app.datasets.loading import load_uploaded
+from app.errors import InvalidDataset
 from tests.helpers.api import npz_bytes
 
 
-def post_npz(client: TestClient, data: bytes) -> dict[str, object]:
-    response = client.post("/v1/datasets", files={"file": ("data.npz", data)})
-    body: dict[str, object] = {"status": response.status_code, **response.json()}
+def post_npz(client: TestClient, data: bytes, **form: str) -> dict[str, Any]:
+    response = client.post("/v1/datasets", files={"file": ("data.npz", data)}, data=form)
+    body: dict[str, Any] = {"status": response.status_code, **response.json()}
     return body
+
+
+def uploaded(client: TestClient) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = client.get("/v1/datasets").json()["items"]
+    return [d for d in items if d["kind"] == "uploaded"]
 
 
 def test_builtin_datasets_are_listed(client: TestClient) -> None:
@@ -33,6 +45,7 @@ def test_builtin_datasets_are_listed(client: TestClient) -> None:
         "channel_order": "L",
     }
     assert digits["signature"]["outputs"][0]["classes"] == [str(i) for i in range(10)]
+    assert digits["input_stats"] is None
     missing = client.get("/v1/datasets/builtin:imagenet")
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
 
@@ -185,3 +198,117 @@ def test_malformed_archives_are_422_not_500(client: TestClient, data: bytes) -> 
     body = post_npz(client, data)
     assert body["status"] == 422, body
     assert body["code"] == "invalid_dataset"
+
+
+def test_input_stats_of_a_uint8_upload(client: TestClient) -> None:
+    x = (np.arange(20 * 6).reshape(20, 6) * 13 % 256).astype(np.uint8)
+    x[0, 1], x[1, 1] = 0, 255
+    x[:, 0] = 7  # one position that never varies
+    body = post_npz(client, npz_bytes(x=x, y=np.arange(20) % 4))
+    assert body["status"] == 201, body
+    stats = {
+        "dtype": "uint8",
+        "min": 0.0,
+        "max": 255.0,
+        "integer_valued": True,
+        "constant_features": 1,
+    }
+    assert body["input_stats"] == stats
+    assert client.get(f"/v1/datasets/{body['ref']}").json()["input_stats"] == stats
+
+
+def test_input_stats_of_a_float_upload(client: TestClient) -> None:
+    rng = np.random.default_rng(0)
+    x, x_test = rng.random((30, 2, 3)), rng.random((6, 2, 3)) * 3 - 1
+    body = post_npz(
+        client, npz_bytes(x=x, y=np.arange(30) % 3, x_test=x_test, y_test=np.arange(6) % 3)
+    )
+    assert body["status"] == 201, body
+    stats = body["input_stats"]
+    assert (stats["dtype"], stats["integer_valued"], stats["constant_features"]) == (
+        "float64",
+        False,
+        0,
+    )
+    low, high = float(np.float32(x_test.min())), float(np.float32(x_test.max()))
+    assert (stats["min"], stats["max"]) == (pytest.approx(low), pytest.approx(high))
+
+    whole = np.arange(30 * 4, dtype=np.float32).reshape(30, 4) - 10
+    body = post_npz(client, npz_bytes(x=whole, y=np.arange(30) % 3))
+    assert body["input_stats"] == {
+        "dtype": "float32",
+        "min": -10.0,
+        "max": 109.0,
+        "integer_valued": True,
+        "constant_features": 0,
+    }
+
+
+def test_whole_values_are_checked_block_by_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arrays, "_BLOCK_ELEMENTS", 8)
+    x = np.ones((50, 4), dtype=np.float32)
+    assert input_stats(x, None).integer_valued is True
+    assert input_stats(x, None).constant_features == 4
+    x_test = np.ones((9, 4), dtype=np.float32)
+    x_test[-1, -1] = 0.5  # in the last block only
+    assert input_stats(x, x_test).integer_valued is False
+    # An integer upload is whole by its dtype: no scan.
+    assert input_stats(x, x_test, dtype="int16").integer_valued is True
+
+
+def test_labels_must_start_at_zero(client: TestClient) -> None:
+    x = np.random.default_rng(0).random((30, 4), dtype=np.float32)
+    body = post_npz(client, npz_bytes(x=x, y=np.arange(30) % 10 + 1))
+    assert body["status"] == 422, body
+    assert (body["code"], body["field"]) == ("labels_not_zero_based", "y")
+    assert "from 1 to 10" in body["detail"] and "counted as 11" in body["detail"]
+    assert "`classes`" in body["detail"]
+    assert uploaded(client) == []
+
+
+def test_class_names_on_upload(client: TestClient) -> None:
+    x = np.random.default_rng(0).random((30, 4), dtype=np.float32)
+    y = np.arange(30) % 10 + 1  # label 0 is a class with no samples here
+    names = ["background"] + [f"digit {i}" for i in range(1, 11)]
+    body = post_npz(client, npz_bytes(x=x, y=y), classes=json.dumps(names))
+    assert body["status"] == 201, body
+    assert body["num_classes"] == 11
+    assert body["signature"]["outputs"][0]["classes"] == names
+    assert client.get(f"/v1/datasets/{body['ref']}").json()["signature"] == body["signature"]
+
+    unnamed = post_npz(client, npz_bytes(x=x, y=y - 1))
+    assert (unnamed["num_classes"], unnamed["signature"]["outputs"][0]["classes"]) == (10, None)
+
+
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [
+        ("cat, dog", "JSON"),
+        ('{"0": "cat"}', "JSON list"),
+        ("[]", "at least 1"),
+        ('["cat", ""]', "[1]"),
+        ('["cat", 1]', "[1]"),
+        ('["cat", "dog", "cat"]', "'cat' more than once"),
+        (json.dumps([str(i) for i in range(10)]), "up to 10"),  # label 10 has no name
+    ],
+)
+def test_bad_class_names_are_refused(client: TestClient, classes: str, words: str) -> None:
+    x = np.random.default_rng(0).random((30, 4), dtype=np.float32)
+    body = post_npz(client, npz_bytes(x=x, y=np.arange(30) % 10 + 1), classes=classes)
+    assert body["status"] == 422, body
+    assert (body["code"], body["field"]) == ("invalid_dataset", "classes")
+    assert words in body["detail"]
+    assert uploaded(client) == []
+
+
+def test_load_uploaded_names_the_classes(tmp_path: Path) -> None:
+    path = tmp_path / "data.npz"
+    x = np.random.default_rng(0).random((20, 3))
+    path.write_bytes(npz_bytes(x=x, y=np.arange(20) % 3 + 1))
+    names = ["none", "a", "b", "c", "unused"]
+    data = load_uploaded(path, names)
+    assert data.classes == names
+    assert data.signature.class_names == names and data.signature.num_classes == 5
+    assert load_uploaded(path).classes == ["0", "1", "2", "3"]
+    with pytest.raises(InvalidDataset, match="3 class names"):
+        load_uploaded(path, names[:3])

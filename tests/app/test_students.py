@@ -36,7 +36,26 @@ def test_standardize_flat_inputs_per_feature() -> None:
     layer = Standardize((2,))
     layer.fit(x)
     assert torch.allclose(layer.mean, torch.tensor([2.0, 200.0]))
-    assert torch.allclose(layer(x).abs(), torch.full((2, 2), 2**-0.5), atol=1e-6)
+    # The population std: (x - mean) / std is exactly +-1 for two samples.
+    assert torch.allclose(layer(x).abs(), torch.ones(2, 2), atol=1e-6)
+
+
+def test_standardize_gives_constant_features_scale_one() -> None:
+    """A feature that never varied (zero throughout, as three digits pixels are) keeps scale 1,
+    so a faint served value there moves the input by that value, not by value / 1e-6."""
+    x = torch.tensor([[0.0, 1.0, 5.0], [0.0, 3.0, 5.0], [0.0, 5.0, 5.0]])
+    layer = Standardize((3,))
+    layer.fit(x)
+    assert torch.allclose(layer.std, torch.tensor([1.0, (8 / 3) ** 0.5, 1.0]))
+    assert layer(torch.tensor([[1 / 16, 3.0, 5.0]])).tolist() == [[1 / 16, 0.0, 0.0]]
+
+
+def test_standardize_fits_one_sample() -> None:
+    layer = Standardize((2,))
+    layer.fit(torch.tensor([[2.0, -1.0]]))
+    assert layer.mean.tolist() == [2.0, -1.0]
+    assert layer.std.tolist() == [1.0, 1.0]
+    assert torch.isfinite(layer(torch.tensor([[3.0, 0.0]]))).all()
 
 
 def test_student_statistics_are_weights_not_parameters() -> None:

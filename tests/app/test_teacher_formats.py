@@ -6,11 +6,11 @@ import json
 import numpy as np
 import torch
 
+from app.datasets.loading import load_builtin
 from app.ml.signature import OutputKind
 from app.ml.teacher_formats import FORMATS, inspect_teacher
 from app.ml.teacher_formats.base import as_logits
 from tests.helpers.teachers import TeacherFiles
-from worker.data import load_builtin
 
 
 def test_each_format_recognises_inspects_and_opens_its_files(

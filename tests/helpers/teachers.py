@@ -24,7 +24,7 @@ def train_digits_teacher(
 ) -> TeacherFiles:
     """Full-batch Adam on digits for a few seconds; saved as ONNX and as safetensors. With
     ``onnx_features`` (a module path), the ONNX graph also outputs that layer as ``features``."""
-    from worker.data import load_builtin
+    from app.datasets.loading import load_builtin
 
     data = load_builtin("builtin:digits")
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.datasets.loading import load_builtin
 from app.jobs.methods import FitNets
 from app.jobs.schemas import Training
 from app.ml.hooks import FeatureTap
@@ -16,7 +17,6 @@ from app.ml.teacher_formats.safetensors import TorchTeacher
 from tests.helpers.teachers import TeacherFiles
 from tests.helpers.training import Recorder
 from worker.checkpoints import load_checkpoint, save_checkpoint
-from worker.data import load_builtin
 from worker.losses import build_loss
 from worker.training.loop import Batch, LoopState, train
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.datasets.loading import load_builtin
 from app.db import session_scope
 from app.models import Teacher
 from tests.helpers.api import job_body, upload_teacher
 from tests.helpers.teachers import TeacherFiles
-from worker.data import load_builtin
 from worker.pipeline import run_job
 
 

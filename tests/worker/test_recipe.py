@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.datasets.loading import load_builtin
 from app.jobs.schemas import DistillationSpec
 from app.ml.predictor import load_predictor
 from app.models import ArtifactFormat, JobPhase
 from tests.helpers.teachers import TeacherFiles
-from worker.data import load_builtin
 from worker.recipe import DistillationRecipe, JobFailure, RecipeInputs, SilentEvents
 from worker.teachers import TeacherRecord
 

@@ -76,10 +76,17 @@ class Standardize(nn.Module):
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> None:
-        """Set the statistics from a batch ``[N, *input_shape]``."""
+        """Set the statistics from a batch ``[N, *input_shape]`` (any N >= 1).
+
+        A feature (channel) that never varied gets scale 1, scikit-learn's convention
+        (``StandardScaler``): its std is 0, and any floor would turn a faint value there at
+        serving into an enormous input. The std is the population one, defined for one sample.
+        """
         dims = (0, *range(2, x.ndim))
+        constant = x.amax(dim=dims) == x.amin(dim=dims)
+        std = torch.where(constant, 1.0, x.std(dim=dims, correction=0))
         self.mean.copy_(x.mean(dim=dims).reshape(self.mean.shape))
-        self.std.copy_(x.std(dim=dims).clamp_min(1e-6).reshape(self.std.shape))
+        self.std.copy_(std.reshape(self.std.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -9,14 +9,29 @@ import zipfile
 from pathlib import Path
 
 from app.errors import PickleRefused, UnsupportedFormat
-from app.ml.teacher_formats.base import TeacherBackend, TeacherFormat, TeacherInfo
+from app.ml.teacher_formats.base import (
+    ScoresChoice,
+    TeacherBackend,
+    TeacherDeclarations,
+    TeacherFormat,
+    TeacherInfo,
+    apply_declarations,
+)
 from app.ml.teacher_formats.onnx import ONNX
 from app.ml.teacher_formats.safetensors import SAFETENSORS
 
 # In sniffing order: ONNX has no magic bytes, so it comes last.
 FORMATS: dict[str, TeacherFormat] = {f.name: f for f in (SAFETENSORS, ONNX)}
 
-__all__ = ["FORMATS", "TeacherBackend", "TeacherFormat", "TeacherInfo", "inspect_teacher"]
+__all__ = [
+    "FORMATS",
+    "ScoresChoice",
+    "TeacherBackend",
+    "TeacherDeclarations",
+    "TeacherFormat",
+    "TeacherInfo",
+    "inspect_teacher",
+]
 
 EXPORT_HELP = (
     "Export the model instead: to ONNX with "
@@ -66,12 +81,18 @@ def _refuse_code(path: Path, filename: str, head: bytes) -> None:
         raise UnsupportedFormat(f"`{filename}` is a zip archive, not a model. {EXPORT_HELP}")
 
 
-def inspect_teacher(path: Path, filename: str, config: str | None) -> TeacherInfo:
-    """Recognise and check an uploaded teacher without running anything it contains.
+def inspect_teacher(
+    path: Path,
+    filename: str,
+    config: str | None,
+    declared: TeacherDeclarations | None = None,
+) -> TeacherInfo:
+    """Recognise and check an uploaded teacher without running anything it contains, then
+    choose its class scores and record what the uploader ``declared``.
 
     Raises:
         PickleRefused, UnsupportedFormat: 415, with how to export instead.
-        InvalidModel: 422, the file or its ``config`` cannot be used.
+        InvalidModel: 422, the file, its ``config`` or a declaration cannot be used.
     """
     with open(path, "rb") as f:
         head = f.read(16)
@@ -83,4 +104,5 @@ def inspect_teacher(path: Path, filename: str, config: str | None) -> TeacherInf
             f"`{filename}` is neither ONNX nor safetensors; files of this kind usually hold a "
             f"pickle, which Distill never loads. {EXPORT_HELP}"
         )
-    return teacher_format.inspect(path, filename, config)
+    info = teacher_format.inspect(path, filename, config)
+    return apply_declarations(info, declared or TeacherDeclarations())

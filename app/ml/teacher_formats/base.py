@@ -2,15 +2,17 @@
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
-from app.ml.signature import ModelSignature, OutputKind
+from app.ml.signature import AnyPreprocessing, ModelSignature, OutputKind, OutputSpec
 
 OnBatch = Callable[[], None] | None
 # Teacher passes run in batches of this many samples. On CPU, a convolutional teacher runs 4x
@@ -19,18 +21,133 @@ OnBatch = Callable[[], None] | None
 BATCH_SIZE = 128
 
 
+# Outputs named like class scores are chosen as them (sklearn-onnx names its `output_probability`).
+SCORES_NAMES = (
+    "logits",
+    "probabilities",
+    "output_probability",
+    "probs",
+    "log_probabilities",
+    "log_probs",
+)
+
+
+class ScoresChoice(BaseModel):
+    """Which of a model's outputs are its class scores, and how their kind is known.
+
+    ``by``: ``declared`` (the upload's `output` field), ``name`` (named like scores), ``only``
+    (the one candidate), ``classes`` (the one whose width is the dataset's class count, chosen
+    by a preflight), ``position`` (the first of several; a preflight may choose again).
+    ``kind_by``: ``declared`` (the upload's `output_kind`), ``assumed`` (logits, not yet seen),
+    ``detected`` (from the scores a preflight saw).
+    """
+
+    model_config = ConfigDict(frozen=True)
+    output: str
+    by: Literal["declared", "name", "only", "classes", "position"]
+    kind_by: Literal["declared", "assumed", "detected"] = "assumed"
+
+
+class TeacherDeclarations(BaseModel):
+    """What the uploader says of a teacher that the file cannot say (the upload's form fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str | None = Field(default=None, description="The output holding the class scores.")
+    output_kind: OutputKind | None = Field(
+        default=None, description="`logits`, `probabilities` or `log_probabilities`."
+    )
+    classes: list[str] | None = Field(default=None, description="Class names, by score index.")
+    preprocessing: AnyPreprocessing | None = Field(
+        default=None,
+        description="How the teacher's inputs are made from the dataset's records, e.g. "
+        '`{"kind": "image", "scale": 0.00392156862745098}` for a teacher trained on pixels / 255.',
+    )
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     """What inspection learns of an upload without running any code it contains.
 
-    ``architecture`` is what ``open`` needs besides the file (a safetensors teacher's config).
+    ``signature.outputs`` lists every output that can be class scores (``[batch, N]`` floats),
+    the chosen ones first (``scores_choice``). ``architecture`` is what ``open`` needs besides
+    the file (a safetensors teacher's config).
     """
 
     format: str
     signature: ModelSignature
     parameter_count: int
+    scores_choice: ScoresChoice
     architecture: dict[str, Any] | None = None
     feature_layers: list[FeatureLayer] = field(default_factory=list)
+
+
+def with_scores(
+    signature: ModelSignature, layers: list[FeatureLayer], output: str
+) -> tuple[ModelSignature, list[FeatureLayer]]:
+    """``signature`` with the output named ``output`` as its scores (first), and ``layers``
+    without it; scores given up become a feature layer (an ONNX teacher's layers are its
+    outputs)."""
+    chosen = next(o for o in signature.outputs if o.name == output)
+    previous = signature.scores
+    reordered = signature.model_copy(
+        update={"outputs": [chosen, *(o for o in signature.outputs if o.name != output)]}
+    )
+    if previous.name != output and all(layer.name != previous.name for layer in layers):
+        layers = [*layers, FeatureLayer(name=previous.name, shape=[int(previous.shape[-1])])]
+    return reordered, [layer for layer in layers if layer.name != output]
+
+
+def apply_declarations(info: TeacherInfo, declared: TeacherDeclarations) -> TeacherInfo:
+    """Choose the scores among the candidate outputs (declared, else by name, else the only one,
+    else the first) and record what the uploader declared.
+
+    Raises:
+        InvalidModel: a declared output the model lacks, or class names of the wrong count.
+    """
+    names = [o.name for o in info.signature.outputs]
+    if declared.output is not None:
+        if declared.output not in names:
+            raise InvalidModel(
+                f"`output` {declared.output!r} is not among the outputs that can be class "
+                f"scores ([batch, classes] floats): {names}.",
+                field="output",
+            )
+        choice = ScoresChoice(output=declared.output, by="declared")
+    else:
+        named = [n for n in names if n.lower() in SCORES_NAMES]
+        if named:
+            choice = ScoresChoice(output=named[0], by="name")
+        else:
+            choice = ScoresChoice(output=names[0], by="only" if len(names) == 1 else "position")
+    signature, layers = with_scores(info.signature, info.feature_layers, choice.output)
+    scores: OutputSpec = signature.scores
+    updates: dict[str, Any] = {}
+    if declared.output_kind is not None:
+        updates["kind"] = declared.output_kind
+        choice = choice.model_copy(update={"kind_by": "declared"})
+    if declared.classes is not None:
+        if len(declared.classes) != scores.shape[-1] or len(set(declared.classes)) != len(
+            declared.classes
+        ):
+            raise InvalidModel(
+                f"`classes` must name each of the {scores.shape[-1]} scores of `{scores.name}` "
+                f"once; got {len(declared.classes)} names ({len(set(declared.classes))} distinct).",
+                field="classes",
+            )
+        updates["classes"] = declared.classes
+    outputs = [scores.model_copy(update=updates), *signature.outputs[1:]]
+    signature = ModelSignature.model_validate(
+        {
+            **signature.model_dump(),
+            "outputs": [o.model_dump() for o in outputs],
+            **(
+                {}
+                if declared.preprocessing is None
+                else {"preprocessing": declared.preprocessing.model_dump()}
+            ),
+        }
+    )
+    return replace(info, signature=signature, feature_layers=layers, scores_choice=choice)
 
 
 class TeacherBackend(ABC):
@@ -40,6 +157,9 @@ class TeacherBackend(ABC):
     passes)."""
 
     signature: ModelSignature
+    # Where the exported graph fixes its batch size (users exporting with one example): every
+    # run then gets exactly this many samples, the last batch padded.
+    fixed_batch: int | None = None
 
     @abstractmethod
     def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
@@ -50,12 +170,17 @@ class TeacherBackend(ABC):
     def latency_ms(self) -> float:
         """Median single-sample latency on onnxruntime, one CPU thread (as students are timed)."""
 
+    def scores(
+        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
+    ) -> np.ndarray:
+        """The class scores ``[N, classes]`` as the teacher returns them, as float32."""
+        return self._batched(x, None, batch_size, on_batch)[0]
+
     def logits(
         self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
     ) -> np.ndarray:
         """Logits ``[N, classes]`` float32, whatever kind of scores the teacher returns."""
-        scores = self._batched(x, None, batch_size, on_batch)[0]
-        return as_logits(scores, self.signature.scores.kind)
+        return as_logits(self.scores(x, batch_size, on_batch), self.signature.scores.kind)
 
     def features(
         self,
@@ -73,10 +198,16 @@ class TeacherBackend(ABC):
         """``run`` over ``x`` in batches, its outputs written into float32 arrays allocated once
         (a feature method's can be the job's largest)."""
         arrays: list[np.ndarray] = []
+        batch_size = self.fixed_batch or batch_size
         for start in range(0, len(x), batch_size):
             if on_batch is not None:
                 on_batch()
-            outputs = self.run(np.ascontiguousarray(x[start : start + batch_size]), names)
+            batch = np.ascontiguousarray(x[start : start + batch_size])
+            if self.fixed_batch is not None and len(batch) < batch_size:
+                padding = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, padding])
+            outputs = self.run(batch, names)
+            outputs = [o[: len(x) - start] for o in outputs]
             if not arrays:
                 arrays = [np.empty((len(x), *o.shape[1:]), np.float32) for o in outputs]
             for array, output in zip(arrays, outputs, strict=True):
@@ -114,11 +245,18 @@ class TeacherFormat(Protocol):
 
 
 def as_logits(scores: np.ndarray, kind: OutputKind) -> np.ndarray:
-    """Class scores ``[N, classes]`` as logits, which every loss and metric takes. Probabilities
-    become their log (whose softmax gives them back exactly; a zero becomes the float32 floor);
-    log-probabilities already are logits (a softmax ignores a per-row constant)."""
-    if kind is OutputKind.PROBABILITIES:
-        floor = np.finfo(np.float32).tiny
-        logits: np.ndarray = np.log(np.maximum(scores, floor, dtype=np.float32))
-        return logits
-    return scores
+    """Class scores ``[N, classes]`` as finite logits, which every loss and metric takes.
+
+    Probabilities become their log, whose softmax gives them back exactly; log-probabilities
+    already are logits (a softmax ignores a per-row constant). A score of probability zero
+    (``0``, or ``-inf`` in log space) becomes the row's maximum plus ``log(tiny)`` (about -87),
+    which a float32 softmax turns into zero again: losses and metrics never meet ``-inf``.
+    NaN and ``+inf`` stay as they are (the preflight refuses them).
+    """
+    with np.errstate(divide="ignore"):
+        logits = np.log(scores) if kind is OutputKind.PROBABILITIES else scores
+    logits = logits.astype(np.float32, copy=kind is not OutputKind.PROBABILITIES)
+    row_max = np.max(np.where(np.isneginf(logits), -np.inf, logits), axis=-1, keepdims=True)
+    floor = np.where(np.isfinite(row_max), row_max, 0.0) + np.log(np.finfo(np.float32).tiny)
+    result: np.ndarray = np.where(np.isneginf(logits), floor, logits).astype(np.float32)
+    return result

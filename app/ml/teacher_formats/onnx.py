@@ -1,7 +1,10 @@
 """ONNX teachers: checked and run by onnxruntime, with no custom-op libraries ever registered.
 
-The signature comes from the graph's first input and output; further float outputs are the
-intermediate tensors feature methods can match.
+The signature comes from the graph's one input (float32, float16 or float64: Distill casts what
+it feeds) and its outputs: every ``[batch, N]`` float output can be the class scores (which one
+is chosen by ``apply_declarations``); every float output but the scores is a feature layer.
+A batch dimension the graph fixes (an export traced with one example) is honoured by running
+batches of exactly that size.
 """
 
 import math
@@ -13,9 +16,16 @@ import torch
 
 from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
-from app.ml.onnx_io import onnx_latency_ms
-from app.ml.signature import MAX_RANK, ModelSignature
-from app.ml.teacher_formats.base import TeacherBackend, TeacherInfo
+from app.ml.onnx_io import ORT_TYPES, onnx_input, onnx_latency_ms
+from app.ml.signature import MAX_RANK, Datatype, ModelSignature, OutputSpec, TensorSpec
+from app.ml.teacher_formats.base import ScoresChoice, TeacherBackend, TeacherInfo
+from app.ml.teacher_formats.onnx_errors import explain_load_error, explain_parse_error
+
+DATATYPES = {
+    "tensor(float)": Datatype.FP32,
+    "tensor(float16)": Datatype.FP16,
+    "tensor(double)": Datatype.FP64,
+}
 
 
 def _static_dims(shape: list[Any], what: str) -> list[int]:
@@ -27,6 +37,10 @@ def _static_dims(shape: list[Any], what: str) -> list[int]:
     return list(shape)
 
 
+def _fixed(shape: list[Any]) -> bool:
+    return all(isinstance(d, int) and d > 0 for d in shape)
+
+
 class OnnxTeacher(TeacherBackend):
     def __init__(self, path: Path, signature: ModelSignature, device: torch.device) -> None:
         import onnxruntime as ort
@@ -36,11 +50,11 @@ class OnnxTeacher(TeacherBackend):
             providers.insert(0, "CUDAExecutionProvider")
         self.path, self.signature = path, signature
         self.session = ort.InferenceSession(str(path), providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_name, self.input_dtype, self.fixed_batch = onnx_input(self.session)
 
     def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
-        outputs = list(self.session.run(names, {self.input_name: batch}))
-        return outputs if names is not None else outputs[:1]  # the scores come first
+        feed = {self.input_name: batch.astype(self.input_dtype, copy=False)}
+        return list(self.session.run(names or [self.signature.scores.name], feed))
 
     def latency_ms(self) -> float:
         return onnx_latency_ms(self.path, self.signature)
@@ -62,10 +76,7 @@ class OnnxFormat:
         try:
             model = onnx.load_model(str(path), load_external_data=False)
         except Exception as e:  # protobuf raises several types on corrupt bytes
-            raise InvalidModel(
-                f"`{filename}` is not a valid ONNX model (truncated or corrupt): {e}. Upload an "
-                "ONNX or safetensors file."
-            ) from e
+            raise InvalidModel(explain_parse_error(filename), field="file") from e
         # Anywhere in the graph (initializers, node attributes, subgraphs): external data would
         # make onnxruntime read files beside the upload.
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)):
@@ -78,22 +89,25 @@ class OnnxFormat:
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise InvalidModel(f"onnxruntime cannot load `{filename}`: {e}") from e
+            raise InvalidModel(explain_load_error(model, e, filename), field="file") from e
         inputs, outputs = session.get_inputs(), session.get_outputs()
-        if len(inputs) != 1 or not outputs:
+        if len(inputs) != 1:
             raise InvalidModel(
-                f"A teacher takes one input tensor and returns logits first; this model has "
-                f"{len(inputs)} inputs and {len(outputs)} outputs."
+                f"A teacher takes one input tensor; this model takes {len(inputs)}: "
+                f"{[i.name for i in inputs]}."
             )
-        if inputs[0].type != "tensor(float)":
-            raise InvalidModel(f"The model's input must be float32, not {inputs[0].type}.")
+        if inputs[0].type not in ORT_TYPES:
+            raise InvalidModel(
+                f"The model's input must be float32, float16 or float64, not {inputs[0].type}."
+            )
         input_shape = _static_dims(list(inputs[0].shape[1:]), "input")
-        output_shape = list(outputs[0].shape)
-        if len(output_shape) != 2:
+        floats = [o for o in outputs if o.type in DATATYPES and len(o.name) <= 255]
+        candidates = [o for o in floats if len(o.shape) == 2 and _fixed(o.shape[1:])]
+        if not candidates:
             raise InvalidModel(
-                f"The model's first output must be logits [batch, classes]; got {output_shape}."
+                "A teacher returns class scores: an output shaped [batch, classes] of floats; "
+                f"this model's outputs are {[(o.name, o.type, o.shape) for o in outputs]}."
             )
-        num_classes = _static_dims(output_shape[1:], "output")[0]
         # Weights are the floating-point initializers; integer ones are shapes and indices.
         float_types = {
             onnx.TensorProto.FLOAT,
@@ -104,23 +118,30 @@ class OnnxFormat:
         parameters = sum(
             math.prod(t.dims) for t in model.graph.initializer if t.data_type in float_types
         )
+        signature = ModelSignature(
+            inputs=[
+                TensorSpec(
+                    name=inputs[0].name[:255],
+                    datatype=DATATYPES[inputs[0].type],
+                    shape=list(input_shape),
+                )
+            ],
+            outputs=[
+                OutputSpec(name=o.name, datatype=DATATYPES[o.type], shape=[o.shape[1]])
+                for o in candidates[:64]
+            ],
+        )
         return TeacherInfo(
             format=self.name,
-            signature=ModelSignature.for_tensor(
-                input_shape,
-                num_classes,
-                input_name=inputs[0].name[:255],
-                output_name=outputs[0].name[:255],
-            ),
+            signature=signature,
             parameter_count=parameters,
-            # Intermediate tensors a feature method can match are the graph's further outputs.
+            scores_choice=ScoresChoice(output=candidates[0].name, by="position"),
+            # Intermediate tensors a feature method can match are the graph's float outputs
+            # (the scores are taken out of them once chosen).
             feature_layers=[
-                FeatureLayer(name=output.name, shape=list(output.shape[1:]))
-                for output in outputs[1:]
-                if len(output.shape) >= 2
-                and output.type == "tensor(float)"
-                and all(isinstance(d, int) and d > 0 for d in output.shape[1:])
-                and len(output.name) <= 255
+                FeatureLayer(name=o.name, shape=list(o.shape[1:]))
+                for o in floats
+                if len(o.shape) >= 2 and _fixed(o.shape[1:])
             ],
         )
 

@@ -18,7 +18,7 @@ from app.ml.layers import feature_layers
 from app.ml.onnx_io import export_onnx, onnx_latency_ms
 from app.ml.signature import ModelSignature
 from app.ml.students import StudentSpec, build_model, family_of, parameter_count
-from app.ml.teacher_formats.base import TeacherBackend, TeacherInfo
+from app.ml.teacher_formats.base import ScoresChoice, TeacherBackend, TeacherInfo
 
 MAX_HEADER = 100 * 1024 * 1024
 CONFIG_HELP = (
@@ -124,6 +124,7 @@ class SafetensorsFormat:
             format=self.name,
             signature=signature,
             parameter_count=parameter_count(model),
+            scores_choice=ScoresChoice(output=signature.scores.name, by="only"),
             architecture=teacher_config.model_dump(mode="json"),
             feature_layers=feature_layers(teacher_config.architecture, signature),
         )

@@ -1,10 +1,12 @@
-"""Dataset references -> in-memory arrays (float32 inputs, int64 labels, with a test split)."""
+"""Dataset references -> in-memory arrays (float32 inputs, int64 labels, with a test split), for
+the worker and for the API's preflight at submission."""
 
 from pathlib import Path
 
 from app.datasets.arrays import DatasetArrays
 from app.datasets.builtins import BUILTIN_DATASETS
 from app.datasets.npz import holdout_split, read_dataset_npz
+from app.errors import InvalidDataset
 
 
 def load_builtin(ref: str) -> DatasetArrays:
@@ -16,9 +18,19 @@ def load_builtin(ref: str) -> DatasetArrays:
     return BUILTIN_DATASETS[ref].load()
 
 
-def load_uploaded(path: Path) -> DatasetArrays:
+def load_uploaded(path: Path, classes: list[str] | None = None) -> DatasetArrays:
+    """Load an uploaded ``.npz``; ``classes`` names the label values (default: "0", "1"...).
+
+    Raises:
+        InvalidDataset: a label has no name in ``classes``.
+    """
     data = read_dataset_npz(path)
-    classes = [str(i) for i in range(data.num_classes)]
+    if classes is None:
+        classes = [str(i) for i in range(data.num_classes)]
+    elif data.num_classes > len(classes):
+        raise InvalidDataset(
+            f"{len(classes)} class names for labels up to {data.num_classes - 1}.", field="classes"
+        )
     if data.x_test is not None and data.y_test is not None:
         return DatasetArrays(data.x, data.y, data.x_test, data.y_test, classes)
     assert data.y is not None  # an unlabelled upload always brings its test split
