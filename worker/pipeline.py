@@ -15,6 +15,7 @@ from app.datasets.loading import load_builtin, load_uploaded
 from app.db import session_scope
 from app.errors import AppError
 from app.jobs import repository
+from app.jobs.preflight import PreflightReport
 from app.jobs.schemas import DistillationSpec
 from app.ml.layers import FeatureLayer
 from app.ml.signature import ModelSignature
@@ -60,13 +61,17 @@ def load_dataset(ref: str) -> DatasetArrays:
     return load_uploaded(get_store().path(key), classes)
 
 
-def read_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord]]:
-    """The job's spec and its teachers in order, read in one short session."""
+def read_job(
+    job_id: str,
+) -> tuple[DistillationSpec, list[TeacherRecord], PreflightReport | None]:
+    """The job's spec, its teachers in order and its submission preflight, read in one short
+    session."""
     store = get_store()
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job is not None
         spec = DistillationSpec.model_validate(job.spec)
+        preflight = None if job.preflight is None else PreflightReport.model_validate(job.preflight)
         members = session.scalars(
             select(JobTeacher).where(JobTeacher.job_id == job_id).order_by(JobTeacher.position)
         )
@@ -95,7 +100,7 @@ def read_job(job_id: str) -> tuple[DistillationSpec, list[TeacherRecord]]:
     if len(records) != len(spec.teacher_weights):
         missing = {t for t, _ in spec.teacher_weights} - {r.id for r in records}
         raise JobFailure("teacher_missing", f"Teacher {', '.join(sorted(missing))} was deleted.")
-    return spec, records
+    return spec, records, preflight
 
 
 def run_job(job_id: str) -> None:
@@ -107,7 +112,7 @@ def run_job(job_id: str) -> None:
         return
     events = Attempt(job_id, attempt, settings.heartbeat_interval_s)
     try:
-        spec, teachers = read_job(job_id)
+        spec, teachers, preflight = read_job(job_id)
         store = get_store()
         inputs = RecipeInputs(
             job_id=job_id,
@@ -120,6 +125,7 @@ def run_job(job_id: str) -> None:
             cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint=store.path(keys.checkpoint(job_id)),
             started=started,
+            preflight=preflight,
         )
         output = DistillationRecipe(inputs, events).run()
         events.phase(JobPhase.DONE)  # the last cancel check

@@ -117,7 +117,8 @@ class RecipeInputs:
     ``teachers`` pairs with ``spec.teacher_weights``. ``cache_dir`` keeps teacher outputs
     between runs (None: computed every time); ``checkpoint`` is where epochs are saved and a
     resumed run reads from (None: no checkpoints). ``started`` (``time.perf_counter``) is when
-    the job's wall time began.
+    the job's wall time began. ``preflight`` is the report of one run at submission (what it
+    settled is on the teachers already); None: the recipe runs it first.
     """
 
     job_id: str
@@ -130,6 +131,7 @@ class RecipeInputs:
     cache_max_bytes: int | None = None
     checkpoint: Path | None = None
     started: float = field(default_factory=time.perf_counter)
+    preflight: PreflightReport | None = None
 
 
 @dataclass(frozen=True)
@@ -213,12 +215,15 @@ class DistillationRecipe:
         except SignatureMismatch as e:
             raise JobFailure("shape_mismatch", e.detail) from e
         self.backends = [t.open(self.inputs.device) for t in self.inputs.teachers]
-        checked = [
-            PreflightTeacher(t.id, backend, t.choice, list(t.feature_layers))
-            for t, backend in zip(self.inputs.teachers, self.backends, strict=True)
-        ]
-        self.preflight = run_preflight(checked, data, stage="worker")
-        self.events.preflight(self.preflight, checked)
+        if self.inputs.preflight is not None:
+            self.preflight = self.inputs.preflight
+        else:
+            checked = [
+                PreflightTeacher(t.id, backend, t.choice, list(t.feature_layers))
+                for t, backend in zip(self.inputs.teachers, self.backends, strict=True)
+            ]
+            self.preflight = run_preflight(checked, data, stage="worker")
+            self.events.preflight(self.preflight, checked)
         self.signature = self.backends[0].signature
         # The student takes the dataset's inputs as stored (its standardisation absorbs any
         # scaling the teacher declared) and always outputs logits, named as every artifact names

@@ -69,10 +69,11 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
         check_compatible(signature, dataset.signature, field="dataset")
     except SignatureMismatch as e:
         raise InvalidSpec(e.detail, field=e.field) from e
-    reason = family_of(spec.student).accepts(signature)
+    # The student takes the dataset's inputs as stored (the teacher may take them cast/scaled).
+    reason = family_of(spec.student).accepts(dataset.signature)
     if reason is not None:
         raise InvalidSpec(
-            f"A {spec.student.architecture} student cannot take this teacher's inputs: {reason}.",
+            f"A {spec.student.architecture} student cannot take these inputs: {reason}.",
             field="student.architecture",
         )
     if isinstance(spec.distillation, FeatureMethod):

@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import InvalidModel
 from app.ml.layers import FeatureLayer
-from app.ml.signature import AnyPreprocessing, ModelSignature, OutputKind, OutputSpec
+from app.ml.signature import (
+    AnyPreprocessing,
+    ImagePreprocessing,
+    ModelSignature,
+    OutputKind,
+    OutputSpec,
+)
 
 OnBatch = Callable[[], None] | None
 # Teacher passes run in batches of this many samples. On CPU, a convolutional teacher runs 4x
@@ -97,6 +103,21 @@ def with_scores(
     return reordered, [layer for layer in layers if layer.name != output]
 
 
+def _check_channels(preprocessing: ImagePreprocessing, signature: ModelSignature) -> None:
+    """Per-channel ``mean``/``std`` must have one value, or one per channel (``shape[0]`` of an
+    input ``[C, H, W]``)."""
+    shape = signature.inputs[0].shape
+    channels = shape[0] if len(shape) >= 2 else 1
+    for name in ("mean", "std"):
+        values = getattr(preprocessing, name)
+        if values is not None and len(values) not in (1, channels):
+            raise InvalidModel(
+                f"`preprocessing.{name}` has {len(values)} values, but the teacher's input "
+                f"{shape} has {channels} channel(s): give one value, or one per channel.",
+                field="preprocessing",
+            )
+
+
 def apply_declarations(info: TeacherInfo, declared: TeacherDeclarations) -> TeacherInfo:
     """Choose the scores among the candidate outputs (declared, else by name, else the only one,
     else the first) and record what the uploader declared.
@@ -125,6 +146,8 @@ def apply_declarations(info: TeacherInfo, declared: TeacherDeclarations) -> Teac
     if declared.output_kind is not None:
         updates["kind"] = declared.output_kind
         choice = choice.model_copy(update={"kind_by": "declared"})
+    if isinstance(declared.preprocessing, ImagePreprocessing):
+        _check_channels(declared.preprocessing, info.signature)
     if declared.classes is not None:
         if len(declared.classes) != scores.shape[-1] or len(set(declared.classes)) != len(
             declared.classes
@@ -249,8 +272,10 @@ def as_logits(scores: np.ndarray, kind: OutputKind) -> np.ndarray:
 
     Probabilities become their log, whose softmax gives them back exactly; log-probabilities
     already are logits (a softmax ignores a per-row constant). A score of probability zero
-    (``0``, or ``-inf`` in log space) becomes the row's maximum plus ``log(tiny)`` (about -87),
-    which a float32 softmax turns into zero again: losses and metrics never meet ``-inf``.
+    (``0``, or ``-inf`` in log space) becomes the row's maximum plus ``log(tiny)`` (about -87.3,
+    the log of float32's smallest normal number), to which a softmax gives at most 1.2e-38:
+    losses and metrics never meet ``-inf``, and a method that compares logits directly meets no
+    value further out than a confident teacher's.
     NaN and ``+inf`` stay as they are (the preflight refuses them).
     """
     with np.errstate(divide="ignore"):
