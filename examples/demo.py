@@ -168,8 +168,19 @@ def main() -> None:
                 },
             }
             response = client.post("/v1/jobs", json=spec)
-            job_id = str(check(response)["id"])
+            submitted = check(response)
+            job_id = str(submitted["id"])
             print(f"4. Job submitted: {response.headers['location']}", flush=True)
+            preflight = submitted["preflight"]
+            if isinstance(preflight, dict):
+                checked = preflight["teachers"][0]
+                print(
+                    f"   preflight: the teacher gets {checked['accuracy']:.3f} of "
+                    f"{preflight['samples']} training samples (chance {preflight['chance']:.3f}); "
+                    f"scores `{checked['output']}` are {checked['output_kind']}"
+                )
+                for warning in preflight["warnings"]:
+                    print(f"   warning {warning['code']}: {warning['detail']}")
             job = follow(client, job_id)
             if job["status"] != "succeeded":
                 raise SystemExit(f"The job ended {job['status']}: {job['error']}")
