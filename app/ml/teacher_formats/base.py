@@ -42,8 +42,9 @@ class ScoresChoice(BaseModel):
     """Which of a model's outputs are its class scores, and how their kind is known.
 
     ``by``: ``declared`` (the upload's `output` field), ``name`` (named like scores), ``only``
-    (the one candidate), ``classes`` (the one whose width is the dataset's class count, chosen
-    by a preflight), ``position`` (the first of several; a preflight may choose again).
+    (the one candidate), ``classes`` (the one whose width is the count of the declared class
+    names, or of the dataset's classes, chosen by a preflight), ``position`` (the first of
+    several; a preflight may choose again).
     ``kind_by``: ``declared`` (the upload's `output_kind`), ``assumed`` (logits, not yet seen),
     ``detected`` (from the scores a preflight saw).
     """
@@ -90,11 +91,14 @@ class TeacherInfo:
 def with_scores(
     signature: ModelSignature, layers: list[FeatureLayer], output: str
 ) -> tuple[ModelSignature, list[FeatureLayer]]:
-    """``signature`` with the output named ``output`` as its scores (first), and ``layers``
-    without it; scores given up become a feature layer (an ONNX teacher's layers are its
-    outputs)."""
-    chosen = next(o for o in signature.outputs if o.name == output)
+    """``signature`` with the output named ``output`` as its scores (first, of the kind the
+    scores had), and ``layers`` without it; scores given up become a feature layer (an ONNX
+    teacher's layers are its outputs)."""
     previous = signature.scores
+    # What was declared of the scores (their kind) goes with them to the output now chosen.
+    chosen = next(o for o in signature.outputs if o.name == output).model_copy(
+        update={"kind": previous.kind}
+    )
     reordered = signature.model_copy(
         update={"outputs": [chosen, *(o for o in signature.outputs if o.name != output)]}
     )
@@ -136,10 +140,20 @@ def apply_declarations(info: TeacherInfo, declared: TeacherDeclarations) -> Teac
         choice = ScoresChoice(output=declared.output, by="declared")
     else:
         named = [n for n in names if n.lower() in SCORES_NAMES]
+        # Declared class names say how wide the scores are.
+        fitting = [
+            o.name
+            for o in info.signature.outputs
+            if declared.classes is not None and o.shape[-1] == len(declared.classes)
+        ]
         if named:
             choice = ScoresChoice(output=named[0], by="name")
+        elif len(names) == 1:
+            choice = ScoresChoice(output=names[0], by="only")
+        elif len(fitting) == 1:
+            choice = ScoresChoice(output=fitting[0], by="classes")
         else:
-            choice = ScoresChoice(output=names[0], by="only" if len(names) == 1 else "position")
+            choice = ScoresChoice(output=names[0], by="position")
     signature, layers = with_scores(info.signature, info.feature_layers, choice.output)
     scores: OutputSpec = signature.scores
     updates: dict[str, Any] = {}
