@@ -44,6 +44,39 @@ class Settings(BaseSettings):
         "big is preflighted at submission (a 422 there); larger ones as the job's first step.",
     )
 
+    # Resource budgets: each is checked before the memory or time is taken.
+    max_activation_bytes: int = Field(
+        default=1024 * MIB,
+        description="A teacher whose forward pass on one sample needs more activation memory "
+        "than this (computed from its shapes, without running it) is refused at upload.",
+    )
+    max_dataset_memory_bytes: int = Field(
+        default=2048 * MIB,
+        description="An uploaded dataset whose arrays decode to more than this is refused "
+        "before decoding (the bound on the API's memory while it checks one).",
+    )
+    teacher_trial_timeout_s: float = Field(
+        default=60.0,
+        description="An uploaded graph is run once on a small batch in a separate process; "
+        "past this it is killed and the upload refused.",
+    )
+    teacher_trial_memory_bytes: int = Field(
+        default=4096 * MIB, description="The address-space limit of that trial process."
+    )
+    teacher_batch_timeout_s: float = Field(
+        default=600.0,
+        description="A job whose teacher takes longer than this for one batch fails "
+        "(`teacher_timeout`) instead of holding its worker.",
+    )
+    latency_budget_s: float = Field(
+        default=20.0, description="Time allowed for measuring one model's latency."
+    )
+    queued_resend_after_s: float = Field(
+        default=120.0,
+        description="A queued job no worker has claimed for this long is sent to the broker "
+        "again by the recovery task (its message may have been lost).",
+    )
+
     job_max_attempts: int = 3
     job_stale_after_s: int = Field(
         default=300, description="A running job whose heartbeat is older than this is requeued."
