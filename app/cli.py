@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,12 +72,13 @@ def api_command(host: str, port: int) -> list[str]:
 
 
 def up(host: str, port: int) -> int:
-    """Migrate, then run the API and one worker (with the recovery schedule) until Ctrl-C."""
+    """Migrate, then run the API and one worker (with the recovery schedule) until Ctrl-C,
+    restarting either if it dies: the worker's recovery schedule is what requeues a job whose
+    process was killed, so it must not stay dead unnoticed."""
     migrate()
-    processes = [
-        subprocess.Popen(worker_command(concurrency=1, beat=True)),
-        subprocess.Popen(api_command(host, port)),
-    ]
+    commands = [worker_command(concurrency=1, beat=True), api_command(host, port)]
+    processes = [subprocess.Popen(command) for command in commands]
+    restarts = [0] * len(commands)
     print(f"Distill is up: http://{host}:{port}/docs (Ctrl-C stops it)", flush=True)
 
     def stop(_signum: int, _frame: object) -> None:
@@ -84,11 +86,23 @@ def up(host: str, port: int) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        while all(p.poll() is None for p in processes):
-            try:
-                processes[0].wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                continue
+        while True:
+            time.sleep(1)
+            for i, process in enumerate(processes):
+                if process.poll() is None:
+                    continue
+                restarts[i] += 1
+                # Back off when a process keeps dying at once (a port taken, a bad setting).
+                delay = min(30, 2 ** (restarts[i] - 1))
+                name = "worker" if i == 0 else "API"
+                print(
+                    f"distill up: the {name} exited ({process.returncode}); restarting it in "
+                    f"{delay} s (restart {restarts[i]})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(delay)
+                processes[i] = subprocess.Popen(commands[i])
     except KeyboardInterrupt:
         pass
     finally:
@@ -100,7 +114,7 @@ def up(host: str, port: int) -> int:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-    return max(p.returncode or 0 for p in processes)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

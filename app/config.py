@@ -78,10 +78,12 @@ class Settings(BaseSettings):
     )
 
     job_max_attempts: int = 3
-    job_stale_after_s: int = Field(
-        default=300, description="A running job whose heartbeat is older than this is requeued."
+    job_stale_after_s: float = Field(
+        default=12,
+        description="A running job whose heartbeat is older than this is requeued: its process "
+        "is gone (a thread beats every `heartbeat_interval_s` whatever the job is doing).",
     )
-    recovery_interval_s: float = 60.0
+    recovery_interval_s: float = 3.0
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")

@@ -136,6 +136,9 @@ class Job(Base):
     # What the preflight found (app.jobs.preflight.PreflightReport), warnings included.
     preflight: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # When its message was last sent to the broker: a job queued long after it was sent has lost
+    # its message (worker.recovery sends it again).
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -266,3 +266,59 @@ def test_killed_worker_job_resumes_from_its_checkpoint(
     assert job["result"]["teacher_outputs_cached"] is True
     epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]]
     assert epochs == list(range(1, 41))
+
+
+def job_process(worker_pid: int) -> int:
+    """The process running the job: of the worker's children (its pool process, and the beat
+    when embedded), the one holding the most memory (the teacher, the data, the student)."""
+    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
+
+    def rss_kb(pid: str) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(
+            next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]
+        )
+
+    return int(max(children, key=rss_kb))
+
+
+def test_a_killed_job_process_runs_again_within_30_s(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    """SIGKILL of the process running a job, with the default recovery settings: the worker
+    replaces it, the recovery schedule requeues the job once its heartbeat is stale, and it
+    resumes from its last checkpoint."""
+    worker = start_worker(beat=True)
+    teacher = upload_teacher(client, digits_teacher)
+    body = job_body(teacher["id"], training={"epochs": 40, "batch_size": 16})
+    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    wait_for(
+        client, job_id, lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 3, timeout=120
+    )
+    os.kill(job_process(worker.pid), signal.SIGKILL)
+    killed = time.monotonic()
+    epoch_at_kill = client.get(f"/v1/jobs/{job_id}").json()["latest_metrics"]["epoch"]
+    wait_for(client, job_id, lambda j: j["attempt"] == 2 and j["status"] == "running", timeout=60)
+    running_again = time.monotonic() - killed
+    print(f"running again {running_again:.1f} s after the kill (epoch {epoch_at_kill})")
+    assert running_again < 30
+    job = wait_for(client, job_id, is_terminal, timeout=180)
+    assert job["status"] == "succeeded", job["error"]
+    assert 3 <= job["result"]["resumed_from_epoch"] <= epoch_at_kill + 1
+
+
+def test_a_job_whose_broker_message_was_lost_runs(
+    client: TestClient, stack: Stack, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    """Submitted while no worker runs, its message then lost (a Redis restart without
+    persistence): the recovery schedule sends it again and the job runs."""
+    teacher = upload_teacher(client, digits_teacher)
+    job_id = client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"]
+    if stack.name == "server":
+        redis.Redis.from_url(REDIS_URL).flushdb()
+    else:
+        for message in (stack.home / "broker").glob("*.msg"):
+            message.unlink()
+    start_worker(beat=True, DISTILL_QUEUED_RESEND_AFTER_S="3")
+    job = wait_for(client, job_id, is_terminal, timeout=120)
+    assert (job["status"], job["attempt"]) == ("succeeded", 1), job["error"]

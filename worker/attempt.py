@@ -3,7 +3,7 @@ metrics, the cancel flag. Every write is fenced by the attempt number (``reposit
 an attempt that was superseded stops at its next write instead of overwriting a newer one."""
 
 import logging
-import time
+import threading
 from collections.abc import Callable
 
 from sqlalchemy.orm import Session
@@ -22,15 +22,42 @@ class JobSuperseded(Exception):
 
 
 class Attempt:
-    """The recipe's events for one attempt of a job, written to its row."""
+    """The recipe's events for one attempt of a job, written to its row.
+
+    Liveness and progress are apart: a background thread writes the heartbeat (with the latest
+    progress, and reads back the cancel flag) every ``interval_s`` while the attempt is open,
+    whatever the job is doing, so a teacher batch or a latency measurement that takes minutes
+    never looks like a dead worker, and a stale heartbeat means the process is gone. The job's
+    own thread raises ``Cancelled`` or ``JobSuperseded`` at its next check (``keep_alive``, a
+    phase, the loop's ``should_stop``). Use it as a context manager.
+    """
 
     def __init__(self, job_id: str, attempt: int, interval_s: float) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.interval_s = interval_s
-        self._last_beat = 0.0
         self._fraction = 0.0
         self._cancel_requested = False
+        self._superseded = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_forever, daemon=True, name="heartbeat")
+
+    def __enter__(self) -> "Attempt":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+            except JobSuperseded:
+                return  # the job's thread raises it at its next check
+            except Exception:  # a database hiccup: the next beat may get through
+                log.exception("job.heartbeat_failed", extra={"job_id": self.job_id})
 
     def _beat(self, then: Callable[[Session], None] | None = None, **values: object) -> None:
         """Write the heartbeat and the latest progress, read back the cancel flag, and make
@@ -44,11 +71,11 @@ class Attempt:
                 session, self.job_id, self.attempt, progress=round(self._fraction, 4), **values
             )
             if flag is None:
+                self._superseded = True
                 raise JobSuperseded(self.job_id)  # rolls back: nothing is written
             if then is not None:
                 then(session)
         self._cancel_requested = flag
-        self._last_beat = time.monotonic()
 
     def phase(self, phase: JobPhase) -> None:
         log.info("job.phase", extra={"job_id": self.job_id, "phase": phase})
@@ -72,14 +99,19 @@ class Attempt:
         )
 
     def progress(self, fraction: float) -> None:
-        # Throttled: one small write every interval, however fast the steps are.
-        self._fraction = fraction
-        self.keep_alive()
+        self._fraction = fraction  # written by the next heartbeat
 
     def keep_alive(self) -> None:
-        """Heartbeat if one is due: for slow work outside the training loop too."""
-        if time.monotonic() - self._last_beat >= self.interval_s:
-            self._beat()
+        """A check between pieces of slow work outside the loop (teacher batches, latency runs).
+
+        Raises:
+            JobSuperseded: another attempt owns the job now.
+            Cancelled: a cancel was requested.
+        """
+        if self._superseded:
+            raise JobSuperseded(self.job_id)
+        if self._cancel_requested:
+            raise Cancelled(self.job_id)
 
     def resumed(self, epoch: int) -> None:
         if epoch:
@@ -90,4 +122,6 @@ class Attempt:
         self._beat(lambda session: repository.add_metrics(session, self.job_id, epoch, values))
 
     def should_stop(self) -> bool:
+        if self._superseded:
+            raise JobSuperseded(self.job_id)
         return self._cancel_requested

@@ -110,7 +110,14 @@ def run_job(job_id: str) -> None:
     if attempt is None:
         log.info("job.not_claimed", extra={"job_id": job_id})
         return
-    events = Attempt(job_id, attempt, settings.heartbeat_interval_s)
+    with Attempt(job_id, attempt, settings.heartbeat_interval_s) as events:
+        _run_attempt(job_id, attempt, events, settings, started)
+
+
+def _run_attempt(
+    job_id: str, attempt: int, events: Attempt, settings: Settings, started: float
+) -> None:
+    """One claimed attempt, its end written as the job's status."""
     try:
         spec, teachers, preflight = read_job(job_id)
         store = get_store()

@@ -14,6 +14,29 @@ from app.queue import enqueue_after_commit
 log = logging.getLogger(__name__)
 
 
+def resend_lost_messages() -> list[str]:
+    """Queued jobs whose message was sent ``queued_resend_after_s`` ago and that no worker has
+    claimed: send the message again (a Redis restart without persistence, or an API killed between
+    commit and send, loses it). A duplicate costs nothing: the claim is a compare-and-set.
+    """
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.queued_resend_after_s)
+    resent = []
+    with session_scope() as session:
+        waiting = session.scalars(
+            select(Job.id).where(Job.status == JobStatus.QUEUED, Job.enqueued_at < cutoff)
+        ).all()
+        for job_id in waiting:
+            if transition(
+                session, job_id, [JobStatus.QUEUED], Job.enqueued_at < cutoff, enqueued_at=utcnow()
+            ):
+                enqueue_after_commit(session, job_id)
+                resent.append(job_id)
+    if resent:
+        log.warning("jobs.resent", extra={"resent": len(resent)})
+    return resent
+
+
 def recover_stale_jobs() -> list[str]:
     """Jobs running without a heartbeat for ``job_stale_after_s``: requeue, or fail past the cap.
 
@@ -62,6 +85,7 @@ def recover_stale_jobs() -> list[str]:
                 status=JobStatus.QUEUED,
                 phase=JobPhase.QUEUED,
                 progress=0.0,
+                enqueued_at=utcnow(),
             ):
                 enqueue_after_commit(session, job_id)
                 requeued.append(job_id)

@@ -12,4 +12,5 @@ def distill(job_id: str) -> None:
 
 @celery_app.task(name=TaskName.RECOVER)
 def recover_jobs() -> list[str]:
-    return recovery.recover_stale_jobs()
+    """Requeue jobs whose worker died, and send again the messages of queued jobs no worker took."""
+    return recovery.recover_stale_jobs() + recovery.resend_lost_messages()

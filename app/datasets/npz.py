@@ -5,7 +5,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError
@@ -19,6 +19,8 @@ MAX_CLASSES = 100_000
 MIN_SAMPLES = 3
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0
+# Elements per block of the finiteness check: its temporary is at most this many bytes.
+FINITE_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,35 @@ def holdout_split(
     return x[train], y[train], x[test], y[test]
 
 
-def _check_archive(path: Path, max_bytes: int) -> None:
+@dataclass(frozen=True)
+class _Header:
+    """What a ``.npy`` header declares, read before its data is decoded."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the array takes once decoded."""
+        return self.count * self.dtype.itemsize
+
+
+def _cast_bytes(name: str, header: _Header) -> int:
+    """Bytes of the copy ``read_dataset_npz`` makes to cast the array (float32 inputs, int64
+    labels); 0 when it is stored in that dtype already."""
+    target = np.dtype(np.float32) if name in ("x", "x_test") else np.dtype(np.int64)
+    return 0 if header.dtype == target else header.count * target.itemsize
+
+
+def _check_archive(path: Path, max_bytes: int) -> dict[str, _Header]:
     """Look inside the zip before numpy loads anything: entry names, and the size each array's
-    header declares (zip bombs and absurd shapes are refused before any memory is taken)."""
+    header declares. The arrays and the copies casting them needs must fit in ``max_bytes``, so
+    zip bombs and absurd shapes are refused before any memory is taken. Returns the headers by
+    array name."""
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
@@ -140,7 +168,7 @@ def _check_archive(path: Path, max_bytes: int) -> None:
                     f"An .npz dataset holds only the arrays {sorted(ALLOWED_ARRAYS)} (as .npy); "
                     f"found {sorted(e.filename for e in entries)}."
                 )
-            declared = 0
+            headers: dict[str, _Header] = {}
             for entry in entries:
                 with archive.open(entry) as f:
                     version = np.lib.format.read_magic(f)
@@ -148,77 +176,142 @@ def _check_archive(path: Path, max_bytes: int) -> None:
                         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-                declared += math.prod(shape) * dtype.itemsize
+                headers[entry.filename.removesuffix(".npy")] = _Header(tuple(shape), dtype)
     except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as e:
         raise InvalidDataset(f"The file is not a readable .npz archive: {e}") from e
-    if declared > max_bytes or sum(e.file_size for e in entries) > max_bytes:
-        raise InvalidDataset(f"The arrays decompress to more than {max_bytes} bytes.")
+    decoded = sum(h.memory_bytes + _cast_bytes(n, h) for n, h in headers.items())
+    if decoded > max_bytes:
+        raise InvalidDataset(
+            f"The arrays decompress to {decoded:,} bytes in memory (the shapes and dtypes their "
+            f"headers declare, float32 and int64 casts included), more than the budget of "
+            f"{max_bytes:,} bytes for checking an upload; nothing was decoded."
+        )
+    inflated = sum(e.file_size for e in entries)
+    if inflated > max_bytes:
+        raise InvalidDataset(
+            f"The archive's entries decompress to {inflated:,} bytes, more than the budget of "
+            f"{max_bytes:,} bytes for checking an upload; nothing was decoded."
+        )
+    for name, header in headers.items():
+        if header.dtype.hasobject:
+            raise InvalidDataset(
+                f"The arrays could not be read without pickle: `{name}` holds Python objects "
+                f"(dtype {header.dtype}).",
+                field=name,
+            )
+    return headers
+
+
+def _check_inputs(header: _Header, name: str) -> None:
+    if (
+        header.dtype.kind not in "fiub"
+        or not 2 <= len(header.shape) <= MAX_RANK + 1
+        or 0 in header.shape[1:]
+    ):
+        raise InvalidDataset(
+            f"`{name}` must be a numeric array shaped [samples, features...] (1 to {MAX_RANK} "
+            f"non-empty feature dimensions); got dtype {header.dtype} and shape "
+            f"{list(header.shape)}.",
+            field=name,
+        )
+
+
+def _check_labels(header: _Header, name: str, n: int) -> None:
+    if header.dtype.kind not in "iub" or len(header.shape) != 1:
+        raise InvalidDataset(
+            f"`{name}` must be a 1-D integer array of class indices; got dtype {header.dtype} "
+            f"and shape {list(header.shape)}.",
+            field=name,
+        )
+    if header.shape[0] != n:
+        raise InvalidDataset(f"`{name}` has {header.shape[0]} labels for {n} samples.", field=name)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a``, checked ``FINITE_CHUNK`` elements at a time (a bounded
+    temporary) on a flat view of the contiguous array."""
+    if a.dtype.kind not in "fc":
+        return True
+    flat = a.reshape(-1, order="A")
+    return all(
+        bool(np.isfinite(flat[start : start + FINITE_CHUNK]).all())
+        for start in range(0, flat.size, FINITE_CHUNK)
+    )
 
 
 def _inputs(a: np.ndarray, name: str) -> np.ndarray:
-    """``a`` checked and cast to float32."""
-    if a.dtype.kind not in "fiub" or not 2 <= a.ndim <= MAX_RANK + 1 or 0 in a.shape[1:]:
-        raise InvalidDataset(
-            f"`{name}` must be a numeric array shaped [samples, features...] (1 to {MAX_RANK} "
-            f"non-empty feature dimensions); got dtype {a.dtype} and shape {list(a.shape)}.",
-            field=name,
-        )
-    x = a.astype(np.float32)
-    if not np.isfinite(x).all():
+    """``a`` cast to float32 (copied once, only if stored in another dtype) and checked
+    finite."""
+    with np.errstate(over="ignore"):
+        x = a.astype(np.float32, copy=False)
+    # After the cast: a float64 beyond float32's range becomes infinite there.
+    if a.dtype.kind == "f" and not _all_finite(x):
         raise InvalidDataset(f"`{name}` contains NaN or infinite values.", field=name)
     return x
 
 
-def _labels(a: np.ndarray, name: str, n: int) -> np.ndarray:
-    if a.dtype.kind not in "iub" or a.ndim != 1:
-        raise InvalidDataset(
-            f"`{name}` must be a 1-D integer array of class indices; got dtype {a.dtype} and "
-            f"shape {list(a.shape)}.",
-            field=name,
-        )
-    if len(a) != n:
-        raise InvalidDataset(f"`{name}` has {len(a)} labels for {n} samples.", field=name)
+def _labels(a: np.ndarray, name: str) -> np.ndarray:
     if len(a) and (a.min() < 0 or a.max() >= MAX_CLASSES):
         raise InvalidDataset(
             f"`{name}` labels must lie in [0, {MAX_CLASSES}); found {a.min()}..{a.max()}.",
             field=name,
         )
-    return a.astype(np.int64)
+    return a.astype(np.int64, copy=False)
 
 
 def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
-    _check_archive(path, max_bytes)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except ValueError as e:  # object arrays would need pickle: refused by allow_pickle=False
-        raise InvalidDataset(f"The arrays could not be read without pickle: {e}") from e
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise InvalidDataset(f"The archive is corrupt: {e}") from e
-    if "x" not in arrays:
+    """Read and check an uploaded ``.npz``: every shape and dtype from the headers first, then
+    the labels, then the inputs, so a refusal decodes as little as it can. The arrays and their
+    casts take at most ``max_bytes`` bytes.
+
+    Raises:
+        InvalidDataset: 422 naming the array at fault where there is one.
+    """
+    headers = _check_archive(path, max_bytes)
+    if "x" not in headers:
         raise InvalidDataset("The .npz has no `x` array.", field="x")
-    if ("x_test" in arrays) != ("y_test" in arrays):
+    if ("x_test" in headers) != ("y_test" in headers):
         raise InvalidDataset("Give both `x_test` and `y_test`, or neither.")
-    if "y" not in arrays and "x_test" not in arrays:
+    if "y" not in headers and "x_test" not in headers:
         raise InvalidDataset(
             "Without `y` (an unlabelled transfer set), give a labelled test split `x_test`, "
             "`y_test` to measure the student on.",
             field="y",
         )
-    x = _inputs(arrays["x"], "x")
-    if len(x) < MIN_SAMPLES:
-        raise InvalidDataset(f"`x` needs at least {MIN_SAMPLES} samples.", field="x")
-    y = _labels(arrays["y"], "y", len(x)) if "y" in arrays else None
-    x_test = y_test = None
-    if "x_test" in arrays:
-        x_test = _inputs(arrays["x_test"], "x_test")
-        if x_test.shape[1:] != x.shape[1:]:
+    x_header = headers["x"]
+    _check_inputs(x_header, "x")
+    if "y" in headers:
+        _check_labels(headers["y"], "y", x_header.shape[0])
+    if "x_test" in headers:
+        test_header = headers["x_test"]
+        _check_inputs(test_header, "x_test")
+        if test_header.shape[1:] != x_header.shape[1:]:
             raise InvalidDataset(
-                f"`x_test` samples are shaped {list(x_test.shape[1:])}, `x` samples "
-                f"{list(x.shape[1:])}.",
+                f"`x_test` samples are shaped {list(test_header.shape[1:])}, `x` samples "
+                f"{list(x_header.shape[1:])}.",
                 field="x_test",
             )
-        if len(x_test) == 0:
+        if test_header.shape[0] == 0:
             raise InvalidDataset("`x_test` is empty.", field="x_test")
-        y_test = _labels(arrays["y_test"], "y_test", len(x_test))
-    return NpzDataset(x, y, x_test, y_test, x_dtype=arrays["x"].dtype.name)
+        _check_labels(headers["y_test"], "y_test", test_header.shape[0])
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            y = y_test = x_test = None
+            if "y" in headers:
+                y = _labels(npz["y"], "y")
+                if y.min() == y.max():
+                    raise InvalidDataset(
+                        f"`y` holds one class only (every label is {y[0]}): distilling needs "
+                        "at least two classes.",
+                        field="y",
+                    )
+            if "y_test" in headers:
+                y_test = _labels(npz["y_test"], "y_test")
+            x = _inputs(npz["x"], "x")
+            if len(x) < MIN_SAMPLES:
+                raise InvalidDataset(f"`x` needs at least {MIN_SAMPLES} samples.", field="x")
+            if "x_test" in headers:
+                x_test = _inputs(npz["x_test"], "x_test")
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise InvalidDataset(f"The archive is corrupt: {e}") from e
+    return NpzDataset(x, y, x_test, y_test, x_dtype=x_header.dtype.name)

@@ -2,12 +2,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, UploadFile, status
 
+from app.config import Settings
 from app.datasets import service
 from app.datasets.npz import parse_classes
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def decoding_budget(settings: Settings) -> int:
+    """Bytes the API may take to decode and check one upload: the memory budget, and never
+    more than 4x the upload limit (a server that takes small uploads decodes small ones)."""
+    return min(settings.max_dataset_memory_bytes, 4 * settings.max_dataset_bytes)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
@@ -32,7 +39,7 @@ def upload_dataset(
         session,
         store=store,
         upload=upload,
-        max_bytes=4 * settings.max_dataset_bytes,
+        max_bytes=decoding_budget(settings),
         name=(name or file.filename or "dataset")[:255],
         classes=names,
     )

@@ -1,5 +1,7 @@
 """Job ownership on the real databases: claims, fencing of a superseded attempt, recovery."""
 
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -13,7 +15,7 @@ from tests.helpers.teachers import TeacherFiles
 from worker.attempt import Attempt, JobSuperseded
 from worker.pipeline import claim, finalize, finish
 from worker.recipe import Cancelled
-from worker.recovery import recover_stale_jobs
+from worker.recovery import recover_stale_jobs, resend_lost_messages
 
 
 @pytest.fixture
@@ -49,21 +51,67 @@ def test_claim_respects_the_attempt_cap(job_id: str) -> None:
     assert claim(job_id, max_attempts=3) is None
 
 
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.02)
+
+
+def raises_superseded(reporter: Attempt) -> bool:
+    try:
+        reporter.keep_alive()
+    except JobSuperseded:
+        return True
+    return False
+
+
 def test_a_superseded_attempt_stops_and_writes_nothing(job_id: str) -> None:
     attempt = claim(job_id, max_attempts=3)
     assert attempt == 1
-    reporter = Attempt(job_id, attempt, interval_s=0.0)
-    reporter.progress(0.5)
-    # The job is requeued and claimed again by another worker.
-    set_job(job_id, status=JobStatus.QUEUED)
-    assert claim(job_id, max_attempts=3) == 2
-    with pytest.raises(JobSuperseded):
-        reporter.progress(0.6)
-    with pytest.raises(JobSuperseded):
-        reporter.epoch_end(1, {"loss": 1.0})
+    with Attempt(job_id, attempt, interval_s=0.05) as reporter:
+        reporter.progress(0.5)
+        eventually(lambda: get_job(job_id).progress == 0.5)  # written by the heartbeat thread
+        # The job is requeued and claimed again by another worker.
+        set_job(job_id, status=JobStatus.QUEUED)
+        assert claim(job_id, max_attempts=3) == 2
+        eventually(lambda: raises_superseded(reporter))
+        with pytest.raises(JobSuperseded):
+            reporter.should_stop()
+        with pytest.raises(JobSuperseded):
+            reporter.epoch_end(1, {"loss": 1.0})
     assert not finish(job_id, attempt, JobStatus.FAILED, error={"code": "x", "detail": "x"})
     job = get_job(job_id)
     assert (job.status, job.attempt) == (JobStatus.RUNNING, 2)
+
+
+def test_the_heartbeat_goes_on_while_the_job_is_busy(job_id: str) -> None:
+    """A teacher batch or a latency measurement that holds the job's thread for a long time
+    still beats: a stale heartbeat means the process is gone, never that it is slow."""
+    attempt = claim(job_id, max_attempts=3)
+    assert attempt == 1
+    with Attempt(job_id, attempt, interval_s=0.05):
+        before = get_job(job_id).heartbeat_at
+        time.sleep(0.5)  # the job's thread is busy and calls nothing
+        after = get_job(job_id).heartbeat_at
+    assert before is not None and after is not None and after - before >= timedelta(seconds=0.3)
+
+
+def test_a_cancel_is_seen_between_teacher_batches(client: TestClient, job_id: str) -> None:
+    attempt = claim(job_id, max_attempts=3)
+    assert attempt is not None
+    with Attempt(job_id, attempt, interval_s=0.05) as reporter:
+        reporter.keep_alive()
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+
+        def cancelled() -> bool:
+            try:
+                reporter.keep_alive()
+            except Cancelled:
+                return True
+            return False
+
+        eventually(cancelled)
 
 
 def test_success_keeps_only_the_winning_attempts_files(job_id: str) -> None:
@@ -116,3 +164,23 @@ def test_recovery_requeues_only_silent_jobs(
     assert failed.status == JobStatus.FAILED and failed.error is not None
     assert failed.error["code"] == "worker_lost"
     assert claim(silent, max_attempts=3) == 2  # the requeued job can be claimed again
+
+
+def test_queued_jobs_whose_message_was_lost_are_sent_again(
+    client: TestClient, digits_teacher: TeacherFiles
+) -> None:
+    """A queued job no worker claimed ``queued_resend_after_s`` after its message was sent is
+    sent again, once per period; fresh queued jobs and running ones are left alone."""
+    teacher = upload_teacher(client, digits_teacher)
+    ids = [client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"] for _ in range(3)]
+    lost, fresh, running = ids
+    long_ago = utcnow() - timedelta(hours=1)
+    set_job(lost, enqueued_at=long_ago)
+    claim(running, max_attempts=3)
+    set_job(running, enqueued_at=long_ago)
+
+    assert resend_lost_messages() == [lost]
+    resent_at = get_job(lost).enqueued_at
+    assert resent_at is not None and resent_at > utcnow() - timedelta(minutes=1)
+    assert resend_lost_messages() == []  # not again until another period has passed
+    assert claim(lost, max_attempts=3) == 1 and claim(fresh, max_attempts=3) == 1

@@ -14,10 +14,16 @@ from torch import nn
 
 from app.errors import InvalidModel
 from app.ml.hooks import FeatureTap
-from app.ml.layers import feature_layers
+from app.ml.layers import activation_bytes, feature_layers, input_bytes
 from app.ml.onnx_io import export_onnx, onnx_latency_ms
 from app.ml.signature import ModelSignature
-from app.ml.students import StudentSpec, build_model, family_of, parameter_count
+from app.ml.students import (
+    StudentSpec,
+    StudentSpecBase,
+    build_model,
+    family_of,
+    parameter_count,
+)
 from app.ml.teacher_formats.base import ScoresChoice, TeacherBackend, TeacherInfo
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -39,6 +45,32 @@ class TeacherConfig(BaseModel):
     @property
     def signature(self) -> ModelSignature:
         return ModelSignature.for_tensor(self.input_shape, self.num_classes)
+
+
+def check_activation_budget(spec: StudentSpecBase, signature: ModelSignature) -> None:
+    """Refuse an architecture whose one-sample forward pass needs more activation memory (bytes)
+    than the ``max_activation_bytes`` setting; computed without allocating.
+
+    Raises:
+        InvalidModel: 422 on field ``config``, with the bytes needed and the budget.
+    """
+    from app.config import get_settings
+
+    budget = get_settings().max_activation_bytes
+    # The input alone first: its size bounds what the meta pass is asked to describe.
+    needed, what = input_bytes(signature), "One input sample"
+    if needed <= budget:
+        needed, what = activation_bytes(spec, signature), "A forward pass of one sample"
+    if needed > budget:
+        raise InvalidModel(
+            f"{what} of input shape {list(signature.input_shape)} needs {needed:,} bytes of "
+            f"activation memory, more than the budget of {budget:,} bytes (setting "
+            "`max_activation_bytes`, DISTILL_MAX_ACTIVATION_BYTES). Use a smaller input shape "
+            "or fewer, narrower layers.",
+            field="config",
+            activation_bytes=needed,
+            budget_bytes=budget,
+        )
 
 
 class TorchTeacher(TeacherBackend):
@@ -92,8 +124,10 @@ class SafetensorsFormat:
             ) from e
         signature = teacher_config.signature
         try:
-            # On the meta device first: the config's shapes are compared with the file's header
-            # before any memory is taken, so a tiny upload cannot make the API allocate gigabytes.
+            # The activation budget first (a meta forward pass), so the config's shapes are
+            # checked, then compared with the file's header, before any memory is taken: a tiny
+            # upload cannot make the API allocate gigabytes.
+            check_activation_budget(teacher_config.architecture, signature)
             with torch.device("meta"):
                 skeleton = build_model(teacher_config.architecture, signature)
             with safe_open(str(path), framework="pt") as f:
@@ -109,21 +143,18 @@ class SafetensorsFormat:
                 f"The weights do not fit the architecture in `config` (first differences: "
                 f"{differing[:5]})."
             )
+        # No real forward pass: the meta one (``check_activation_budget``) ran every layer on
+        # the config's shapes, and the stored shapes equal the architecture's, so the weights
+        # load; only their values are left to check.
         state = load_file(str(path))
-        model = build_model(teacher_config.architecture, signature)
-        model.load_state_dict(state, strict=True)
         if any(not t.is_floating_point() and t.numel() > 1 for t in state.values()):
             raise InvalidModel("Weights must be floating point.")
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, *teacher_config.input_shape))
-        if not all(
-            np.isfinite(t.float().numpy()).all() for t in state.values() if t.is_floating_point()
-        ):
+        if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
             raise InvalidModel("The weights contain NaN or infinite values.")
         return TeacherInfo(
             format=self.name,
             signature=signature,
-            parameter_count=parameter_count(model),
+            parameter_count=parameter_count(skeleton),
             scores_choice=ScoresChoice(output=signature.scores.name, by="only"),
             architecture=teacher_config.model_dump(mode="json"),
             feature_layers=feature_layers(teacher_config.architecture, signature),
