@@ -63,10 +63,16 @@ class Settings(BaseSettings):
     teacher_trial_memory_bytes: int = Field(
         default=4096 * MIB, description="The address-space limit of that trial process."
     )
-    teacher_batch_timeout_s: float = Field(
+    stall_timeout_s: float = Field(
         default=600.0,
-        description="A job whose teacher takes longer than this for one batch fails "
-        "(`teacher_timeout`) instead of holding its worker.",
+        description="A job that shows no progress for this long (no teacher batch, training "
+        "step or phase: a teacher stuck in one batch, say) fails as `stalled` and its process "
+        "is ended, instead of holding its worker.",
+    )
+    cancel_grace_s: float = Field(
+        default=10.0,
+        description="A running job asked to cancel that has not stopped after this long has "
+        "its process ended.",
     )
     latency_budget_s: float = Field(
         default=20.0, description="Time allowed for measuring one model's latency."

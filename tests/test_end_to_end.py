@@ -269,25 +269,26 @@ def test_killed_worker_job_resumes_from_its_checkpoint(
 
 
 def job_process(worker_pid: int) -> int:
-    """The process running the job: of the worker's children (its pool process, and the beat
-    when embedded), the one holding the most memory (the teacher, the data, the student)."""
-    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
-
-    def rss_kb(pid: str) -> int:
-        status = Path(f"/proc/{pid}/status").read_text()
-        return int(
-            next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]
-        )
-
-    return int(max(children, key=rss_kb))
+    """The process running the job: the worker's descendant started as `worker.job_process`."""
+    pending = [worker_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"worker.job_process" in command:
+            return pid
+        pending += [int(child) for child in children]
+    raise AssertionError("no job process")
 
 
 def test_a_killed_job_process_runs_again_within_30_s(
     client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
 ) -> None:
-    """SIGKILL of the process running a job, with the default recovery settings: the worker
-    replaces it, the recovery schedule requeues the job once its heartbeat is stale, and it
-    resumes from its last checkpoint."""
+    """SIGKILL of the process running a job (out of memory, say), with the default settings:
+    its supervisor requeues the job at once, and it resumes from its last checkpoint."""
     worker = start_worker(beat=True)
     teacher = upload_teacher(client, digits_teacher)
     body = job_body(teacher["id"], training={"epochs": 40, "batch_size": 16})

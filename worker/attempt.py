@@ -4,6 +4,7 @@ an attempt that was superseded stops at its next write instead of overwriting a 
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy.orm import Session
@@ -32,13 +33,25 @@ class Attempt:
     phase, the loop's ``should_stop``). Use it as a context manager.
     """
 
-    def __init__(self, job_id: str, attempt: int, interval_s: float) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        attempt: int,
+        interval_s: float,
+        stall_timeout_s: float | None = None,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.interval_s = interval_s
+        # The watchdog: ``on_stall`` runs (on the heartbeat thread) when the job's thread has
+        # shown no sign of progress for ``stall_timeout_s``.
+        self.stall_timeout_s, self.on_stall = stall_timeout_s, on_stall
+        self._last_progress = time.monotonic()
         self._fraction = 0.0
         self._cancel_requested = False
         self._superseded = False
+        self.phase_name = JobPhase.VALIDATING
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_forever, daemon=True, name="heartbeat")
 
@@ -52,6 +65,11 @@ class Attempt:
 
     def _beat_forever(self) -> None:
         while not self._stop.wait(self.interval_s):
+            stalled = time.monotonic() - self._last_progress
+            if self.on_stall and self.stall_timeout_s and stalled > self.stall_timeout_s:
+                log.error("job.stalled", extra={"job_id": self.job_id, "seconds": stalled})
+                self.on_stall()
+                return
             try:
                 self._beat()
             except JobSuperseded:
@@ -79,6 +97,8 @@ class Attempt:
 
     def phase(self, phase: JobPhase) -> None:
         log.info("job.phase", extra={"job_id": self.job_id, "phase": phase})
+        self.phase_name = phase
+        self._last_progress = time.monotonic()
         self._beat(phase=phase)
         if self._cancel_requested:
             raise Cancelled(self.job_id)
@@ -100,6 +120,7 @@ class Attempt:
 
     def progress(self, fraction: float) -> None:
         self._fraction = fraction  # written by the next heartbeat
+        self._last_progress = time.monotonic()
 
     def keep_alive(self) -> None:
         """A check between pieces of slow work outside the loop (teacher batches, latency runs).
@@ -108,6 +129,7 @@ class Attempt:
             JobSuperseded: another attempt owns the job now.
             Cancelled: a cancel was requested.
         """
+        self._last_progress = time.monotonic()
         if self._superseded:
             raise JobSuperseded(self.job_id)
         if self._cancel_requested:
@@ -119,6 +141,7 @@ class Attempt:
         self._beat(lambda session: repository.forget_metrics_after(session, self.job_id, epoch))
 
     def epoch_end(self, epoch: int, values: dict[str, float]) -> None:
+        self._last_progress = time.monotonic()
         self._beat(lambda session: repository.add_metrics(session, self.job_id, epoch, values))
 
     def should_stop(self) -> bool:

@@ -2,10 +2,12 @@
 
 - acks_late + reject_on_worker_lost: a message is acknowledged only when its job has finished;
 - prefetch 1: a worker never holds a second job while it trains;
-- one task per child process: each job gets a fresh process (GPU memory returned, no CUDA state
-  inherited across fork); the parent never touches CUDA;
-- the periodic recovery task requeues jobs whose worker died (see worker/recovery.py);
-- each pool process takes its share of the CPU cores for torch's threads (see
+- each job runs in a fresh process of its own, which the pool process that claimed it watches
+  (``worker.supervisor``): GPU memory is returned, no CUDA state crosses a fork, a job can be
+  ended; pool processes never touch CUDA, and a message with nothing to run costs no process;
+- the periodic recovery task requeues jobs whose worker died and resends lost messages (see
+  worker/recovery.py);
+- each job process takes its pool process's share of the CPU cores for torch's threads (see
   ``DISTILL_TORCH_THREADS``), not all of them each: oversubscribed threads spin and thrash.
 """
 
@@ -26,8 +28,8 @@ celery_app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    worker_max_tasks_per_child=1,
-    task_time_limit=settings.job_time_limit_s,
+    # The supervisor ends a job at job_time_limit_s itself; Celery's limit is the backstop.
+    task_time_limit=settings.job_time_limit_s + 600,
     worker_hijack_root_logger=False,
     beat_schedule={
         "recover-stale-jobs": {
@@ -53,7 +55,10 @@ def _remember_pool_size(options: dict[str, Any], **_: object) -> None:
 def _set_up_pool_process(**_: object) -> None:
     # Pooled connections must not be shared with the parent process.
     get_engine().dispose(close=False)
-    import torch
 
+
+def job_torch_threads() -> int:
+    """torch threads for a job process: the setting, else this host's cores shared among the
+    worker's pool processes."""
     cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(settings.torch_threads or max(1, cores // pool_processes))
+    return settings.torch_threads or max(1, cores // pool_processes)

@@ -4,6 +4,7 @@ else: the distillation itself is ``worker.recipe`` (database-free), the attempt'
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,13 +105,27 @@ def read_job(
 
 
 def run_job(job_id: str) -> None:
-    started = time.perf_counter()  # the job's wall time counts reading its inputs too
-    settings = get_settings()
-    attempt = claim(job_id, settings.job_max_attempts)
+    """Claim the job and run it in this process (tests and tools; the worker runs each job in
+    a process of its own: ``worker.supervisor``)."""
+    attempt = claim(job_id, get_settings().job_max_attempts)
     if attempt is None:
         log.info("job.not_claimed", extra={"job_id": job_id})
         return
-    with Attempt(job_id, attempt, settings.heartbeat_interval_s) as events:
+    run_attempt(job_id, attempt)
+
+
+def run_attempt(job_id: str, attempt: int, on_stall: Callable[[], None] | None = None) -> None:
+    """Run a claimed attempt to its end, written as the job's status. ``on_stall``: what the
+    heartbeat thread does when the job shows no progress for ``stall_timeout_s``."""
+    started = time.perf_counter()  # the job's wall time counts reading its inputs too
+    settings = get_settings()
+    with Attempt(
+        job_id,
+        attempt,
+        settings.heartbeat_interval_s,
+        stall_timeout_s=settings.stall_timeout_s,
+        on_stall=on_stall,
+    ) as events:
         _run_attempt(job_id, attempt, events, settings, started)
 
 

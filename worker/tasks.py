@@ -1,13 +1,13 @@
 """Thin tasks: the logic lives in plain functions that tests call directly."""
 
 from app.queue import TaskName
-from worker import pipeline, recovery
-from worker.celery_app import celery_app
+from worker import recovery, supervisor
+from worker.celery_app import celery_app, job_torch_threads
 
 
 @celery_app.task(name=TaskName.DISTILL)
 def distill(job_id: str) -> None:
-    pipeline.run_job(job_id)
+    supervisor.run_isolated(job_id, job_torch_threads())
 
 
 @celery_app.task(name=TaskName.RECOVER)

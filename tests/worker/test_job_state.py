@@ -184,3 +184,23 @@ def test_queued_jobs_whose_message_was_lost_are_sent_again(
     assert resent_at is not None and resent_at > utcnow() - timedelta(minutes=1)
     assert resend_lost_messages() == []  # not again until another period has passed
     assert claim(lost, max_attempts=3) == 1 and claim(fresh, max_attempts=3) == 1
+
+
+def test_the_watchdog_calls_on_stall_when_the_job_shows_no_progress(job_id: str) -> None:
+    attempt = claim(job_id, max_attempts=3)
+    assert attempt == 1
+    stalls: list[float] = []
+    with Attempt(
+        job_id,
+        attempt,
+        interval_s=0.05,
+        stall_timeout_s=0.3,
+        on_stall=lambda: stalls.append(time.monotonic()),
+    ) as reporter:
+        for _ in range(10):  # progress every 0.1 s: never stalled
+            reporter.progress(0.1)
+            last_progress = time.monotonic()
+            time.sleep(0.1)
+        assert stalls == []
+        eventually(lambda: bool(stalls))  # then nothing for 0.3 s
+    assert 0.3 <= stalls[0] - last_progress < 1.0

@@ -87,7 +87,8 @@ def inspect_teacher(
     config: str | None,
     declared: TeacherDeclarations | None = None,
 ) -> TeacherInfo:
-    """Recognise and check an uploaded teacher without running anything it contains, then
+    """Recognise and check an uploaded teacher without running its code in this process (an
+    ONNX graph's trial inference runs in a separate, limited process), then
     choose its class scores and record what the uploader ``declared``.
 
     Raises:

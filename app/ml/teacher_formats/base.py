@@ -73,7 +73,7 @@ class TeacherDeclarations(BaseModel):
 
 @dataclass(frozen=True)
 class TeacherInfo:
-    """What inspection learns of an upload without running any code it contains.
+    """What inspection learns of an upload without running its code in the API's process.
 
     ``signature.outputs`` lists every output that can be class scores (``[batch, N]`` floats),
     the chosen ones first (``scores_choice``). ``architecture`` is what ``open`` needs besides
