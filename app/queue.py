@@ -37,10 +37,16 @@ def configure_celery(app: Celery, settings: Settings) -> None:
             # Exchange metadata; kombu's default is ./control in the working directory.
             "control_folder": str(folder / "control"),
             "store_processed": False,
+            # A folder poll costs a directory listing; kombu's 1 s default makes every message
+            # (a cancelled job's included) wait up to a second.
+            "polling_interval": 0.1,
         }
     else:
         # Redis redelivers an unacknowledged message after this long: it must outlast any job.
-        app.conf.broker_transport_options = {"visibility_timeout": settings.job_time_limit_s + 3600}
+        app.conf.broker_transport_options = {
+            "visibility_timeout": settings.job_time_limit_s + 3600,
+            "polling_interval": 0.1,
+        }
     app.conf.task_default_queue = QUEUE
     app.conf.task_routes = {TaskName.RECOVER: {"queue": CONTROL_QUEUE}}
     app.conf.task_ignore_result = True

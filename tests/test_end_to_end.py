@@ -323,3 +323,21 @@ def test_a_job_whose_broker_message_was_lost_runs(
     start_worker(beat=True, DISTILL_QUEUED_RESEND_AFTER_S="3")
     job = wait_for(client, job_id, is_terminal, timeout=120)
     assert (job["status"], job["attempt"]) == ("succeeded", 1), job["error"]
+
+
+def test_cancelled_jobs_do_not_hold_up_the_queue(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    """40 submissions, 39 of them cancelled while queued: their messages cost the worker a
+    database update each, not a process, so the last job starts about as soon as the worker."""
+    teacher = upload_teacher(client, digits_teacher)
+    ids = [client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"] for _ in range(40)]
+    for job_id in ids[:-1]:
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    started = time.monotonic()
+    start_worker()
+    wait_for(client, ids[-1], lambda j: j["status"] != "queued", timeout=60)
+    waited = time.monotonic() - started
+    print(f"the real job started {waited:.1f} s after the worker (39 cancelled messages before it)")
+    assert waited < 20
+    assert is_terminal(wait_for(client, ids[-1], is_terminal))
