@@ -1,13 +1,12 @@
 """preflight findings: jobs record their preflight, teachers how their scores were chosen,
-datasets their inputs' stored dtype and value range; jobs record when their message was sent
+datasets their inputs' stored dtype and value range
 
 Revision ID: a3f9b2c4d871
 Revises: 5e1a7c2d9b40
 Create Date: 2026-11-29 11:40:00.000000
 
-All are nullable: rows written before keep null (no preflight ran, scores chosen as the first
-output and assumed to be logits, input range unknown); a job's send time starts as its creation
-time.
+All three are nullable: rows written before keep null (no preflight ran, scores chosen as the
+first output and assumed to be logits, input range unknown).
 """
 
 from collections.abc import Sequence
@@ -24,8 +23,6 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('preflight', sa.JSON(), nullable=True))
-        batch_op.add_column(sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True))
-    op.execute("UPDATE jobs SET enqueued_at = created_at")
     with op.batch_alter_table('teachers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('scores_choice', sa.JSON(), nullable=True))
     with op.batch_alter_table('datasets', schema=None) as batch_op:
@@ -38,5 +35,4 @@ def downgrade() -> None:
     with op.batch_alter_table('teachers', schema=None) as batch_op:
         batch_op.drop_column('scores_choice')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_column('enqueued_at')
         batch_op.drop_column('preflight')
