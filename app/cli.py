@@ -77,7 +77,11 @@ def up(host: str, port: int) -> int:
     process was killed, so it must not stay dead unnoticed."""
     migrate()
     commands = [worker_command(concurrency=1, beat=True), api_command(host, port)]
-    processes = [subprocess.Popen(command) for command in commands]
+    # One core is left to the API: a job using them all stalls between epochs whenever the API
+    # answers a poll (measured on 2 cores: a 50-epoch job 2.8 s alone, 12.6 s polled at 1 Hz).
+    cores = len(os.sched_getaffinity(0))
+    env = {"DISTILL_TORCH_THREADS": str(max(1, cores - 1))} | dict(os.environ)
+    processes = [subprocess.Popen(command, env=env) for command in commands]
     restarts = [0] * len(commands)
     print(f"Distill is up: http://{host}:{port}/docs (Ctrl-C stops it)", flush=True)
 
@@ -102,7 +106,7 @@ def up(host: str, port: int) -> int:
                     flush=True,
                 )
                 time.sleep(delay)
-                processes[i] = subprocess.Popen(commands[i])
+                processes[i] = subprocess.Popen(commands[i], env=env)
     except KeyboardInterrupt:
         pass
     finally:

@@ -161,8 +161,11 @@ def _run_attempt(
             JobStatus.CANCELLED,
             error={"code": "cancelled", "detail": "Cancelled by request."},
         )
-    except (JobFailure, AppError) as e:
+    except JobFailure as e:
         finish(job_id, attempt, JobStatus.FAILED, error={"code": e.code, "detail": e.detail})
+    except AppError as e:  # its extras too (a preflight's `label_offset`, `samples`, `rows`)
+        error = {"code": e.code, "detail": e.detail, **e.extra}
+        finish(job_id, attempt, JobStatus.FAILED, error=error)
     except Exception as e:
         log.exception("job.crashed", extra={"job_id": job_id})
         finish(

@@ -106,8 +106,8 @@ def check_labels(data: NpzDataset, classes: list[str] | None) -> None:
         raise LabelsNotZeroBased(
             f"Labels run from {low} to {high}, but class indices start at 0: "
             f"{high - low + 1} classes would be counted as {high + 1}. Subtract {low} from the "
-            "labels, or name the classes with the `classes` form field (one name per label "
-            "value, index 0 included).",
+            "labels. (Only if lower class indices truly exist but have no samples here, name "
+            "every class with the `classes` form field, one name per index from 0.)",
             field="y" if data.y is not None else "y_test",
         )
 

@@ -38,6 +38,9 @@ PIXEL_MAXIMA = (1, 16, 255, 65_535)
 # wrong scale may cost only a few points (a digits MLP trained on pixels / 255: 98.3% of the
 # test split on them, 95.5% on raw pixels; 100% and 99.0% of a training sample).
 SCALE_ERROR_CUT, SCALE_MIN_GAIN = 0.25, 3
+# Inputs made with a declared scale alone whose brightest value is below this were most likely
+# scaled twice (data already in [0, 1], scaled again by 1/16 or 1/255).
+RANGE_FLOOR = 0.25
 
 
 class Finding(BaseModel):
@@ -167,17 +170,22 @@ def non_finite_rows(scores: np.ndarray) -> np.ndarray:
     return bad | np.isneginf(scores).all(-1)
 
 
-def refuse_non_finite(scores: np.ndarray, teacher_id: str, what: str) -> None:
-    """Raises ``PreflightFailed`` (``teacher_non_finite``) if any row has no usable scores."""
+def refuse_non_finite(
+    scores: np.ndarray, teacher_id: str, what: str, rows: np.ndarray | None = None
+) -> None:
+    """Raises ``PreflightFailed`` (``teacher_non_finite``) if any row has no usable scores;
+    ``rows[i]`` is the dataset row of ``scores[i]`` (default: ``i``), as the error names them."""
     bad = np.flatnonzero(non_finite_rows(scores))
     if len(bad):
+        first = (bad if rows is None else rows[bad])[:5].tolist()
         raise PreflightFailed(
             f"Teacher {teacher_id} returned NaN or infinite scores for {len(bad)} of "
-            f"{len(scores)} {what} (first sample indices: {bad[:5].tolist()}). A student cannot "
-            "learn from them: fix the model (a log of 0, a division by 0, an overflow in "
-            "float16) or remove those samples.",
+            f"{len(scores)} {what} (first rows of the split: {first}). A student cannot learn "
+            "from them: fix the model (a log of 0, a division by 0, an overflow in float16) or "
+            "remove those samples.",
             code="teacher_non_finite",
             samples=len(bad),
+            rows=first,
         )
 
 
@@ -205,13 +213,16 @@ def label_map(data: DatasetArrays, signature: ModelSignature) -> list[int] | Non
     return [index[name] for name in data.classes]
 
 
-def _sample(data: DatasetArrays) -> tuple[np.ndarray, np.ndarray, Literal["train", "test"]]:
+def _sample(
+    data: DatasetArrays,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Literal["train", "test"]]:
+    """Up to ``SAMPLES`` labelled samples: inputs, labels, their rows in the split, the split."""
     x, y, split = data.x_train, data.y_train, "train"
     if y is None:  # an unlabelled transfer set is scored on its (labelled) test split
         x, y, split = data.x_test, data.y_test, "test"
     order = np.random.default_rng(SEED).permutation(len(x))[:SAMPLES]
     order.sort()
-    return x[order], y[order], split  # type: ignore[return-value]
+    return x[order], y[order], order, split  # type: ignore[return-value]
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -303,12 +314,13 @@ def _range_warning(x: np.ndarray, preprocessing: ImagePreprocessing) -> Finding 
     if preprocessing.mean is not None or preprocessing.std is not None:
         return None
     low, high = float(x.min()), float(x.max())
-    if low >= -0.01 and high <= 1.01 and high > 1 / 255:
+    if low >= -0.01 and RANGE_FLOOR <= high <= 1.01:
         return None
     return Finding(
         code="input_range",
         detail=f"With the teacher's declared scale {preprocessing.scale:g} its inputs span "
-        f"[{low:.4g}, {high:.4g}], not about [0, 1]: check that the dataset stores raw pixels.",
+        f"[{low:.4g}, {high:.4g}], not about [0, 1]: check that the dataset stores raw pixels "
+        "(data already scaled to [0, 1] need no declared scale).",
     )
 
 
@@ -327,7 +339,7 @@ def run_preflight(
     ``output_kind_detected``, ``scores_output_chosen``, ``input_scale_suspect``,
     ``input_range``, ``teacher_fixed_batch``, ``constant_features``.
     """
-    x, y, split = _sample(data)
+    x, y, rows, split = _sample(data)
     warnings: list[Finding] = []
     num_classes = len(data.classes)
     mapping = label_map(data, teachers[0].signature)
@@ -335,26 +347,22 @@ def run_preflight(
     chance = float(np.bincount(y).max() / len(y))
     checks = []
     for teacher in teachers:
-        signature, layers, choice = settle_scores(
+        teacher.backend.signature, teacher.feature_layers, teacher.choice = settle_scores(
             teacher.signature, teacher.feature_layers, teacher.choice, num_classes
         )
-        if choice != teacher.choice:
+        if teacher.choice.by == "classes":
+            width = teacher.signature.num_classes
             warnings.append(
                 Finding(
                     code="scores_output_chosen",
-                    detail=f"Teacher {teacher.id} has several outputs; `{choice.output}` was "
-                    f"taken as its class scores, being the one with {num_classes} values. "
-                    "Name it with `output` at upload to choose otherwise.",
+                    detail=f"Teacher {teacher.id} has several outputs; `{teacher.choice.output}` "
+                    f"was taken as its class scores, being the one with {width} values. Name it "
+                    "with `output` at upload to choose otherwise.",
                 )
-            )
-            teacher.backend.signature, teacher.feature_layers, teacher.choice = (
-                signature,
-                layers,
-                choice,
             )
         inputs = teacher_inputs(x, data.preprocessing, teacher.signature.preprocessing)
         scores = teacher.backend.scores(inputs)
-        refuse_non_finite(scores, teacher.id, "sampled samples")
+        refuse_non_finite(scores, teacher.id, f"sampled {split} samples", rows)
         _check_kind(teacher, scores)
         kind = teacher.signature.scores.kind
         if teacher.choice.kind_by == "detected" and kind is not OutputKind.LOGITS:

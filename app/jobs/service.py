@@ -20,6 +20,7 @@ from app.ml.teacher_formats import FORMATS, ScoresChoice
 from app.models import Dataset, Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
 from app.storage import get_store
+from app.teachers.service import lock_teachers
 
 
 def _tensors(signature: ModelSignature) -> tuple[object, ...]:
@@ -36,6 +37,19 @@ def _layers(teacher: Teacher) -> list[FeatureLayer]:
     return [FeatureLayer.model_validate(layer) for layer in teacher.feature_layers or []]
 
 
+def _settle(teacher: Teacher, num_classes: int) -> None:
+    """Where the upload could not tell which output holds the scores, the dataset's class count
+    does: recorded on the teacher before its classes and layers are checked against the job."""
+    signature = ModelSignature.model_validate(teacher.signature)
+    settled, layers, choice = settle_scores(
+        signature, _layers(teacher), _choice(teacher), num_classes
+    )
+    if choice != _choice(teacher):
+        teacher.signature = settled.model_dump(mode="json")
+        teacher.feature_layers = [layer.model_dump() for layer in layers]
+        teacher.scores_choice = choice.model_dump(mode="json")
+
+
 def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
     """Everything that can be checked before queueing, so a mistake is a 422, not a failed job;
     returns the job's teachers, in order.
@@ -49,6 +63,9 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
         if teacher is None:
             raise InvalidSpec(f"No teacher with id {teacher_id}.", field=field)
         teachers.append(teacher)
+    dataset = resolve_dataset(session, spec.dataset)
+    for teacher in teachers:
+        _settle(teacher, dataset.signature.num_classes)
     signature = ModelSignature.model_validate(teachers[0].signature)
     for other in teachers[1:]:
         other_signature = ModelSignature.model_validate(other.signature)
@@ -60,11 +77,6 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
                 f"{other_signature.describe_inputs()} with {other_signature.num_classes}.",
                 field=field,
             )
-    dataset = resolve_dataset(session, spec.dataset)
-    # The scores a preflight would settle on, if the upload could not tell which output they are.
-    signature = settle_scores(
-        signature, _layers(teachers[0]), _choice(teachers[0]), dataset.signature.num_classes
-    )[0]
     try:
         check_compatible(signature, dataset.signature, field="dataset")
     except SignatureMismatch as e:
@@ -130,13 +142,18 @@ def submission_preflight(
 
 
 def create_job(session: Session, spec: DistillationSpec) -> Job:
+    """Validate, preflight and queue a job. Its teachers are locked first (``lock_teachers``), so
+    one deleted meanwhile is a 422 here, and one not yet deleted keeps its row and files until
+    the job is committed (its deletion then sees the job: a 409)."""
+    teacher_ids = [teacher_id for teacher_id, _ in spec.teacher_weights]
+    lock_teachers(session, teacher_ids, exclusive=False)
     teachers = validate_spec(session, spec)
     report = submission_preflight(session, teachers, resolve_dataset(session, spec.dataset))
     job = repository.add_job(
         session,
         spec=spec.model_dump(mode="json", exclude_none=True),
         dataset_ref=spec.dataset,
-        teacher_ids=[teacher_id for teacher_id, _ in spec.teacher_weights],
+        teacher_ids=teacher_ids,
     )
     job.preflight = None if report is None else report.model_dump(mode="json")
     enqueue_after_commit(session, job.id)

@@ -203,6 +203,9 @@ def test_nan_scores_are_refused_at_submission_with_their_count(
     body = response.json()
     assert (body["code"], body["samples"]) == ("teacher_non_finite", expected)
     assert f"{expected} of 512" in body["detail"]
+    # The rows named are rows of the dataset, not positions in the sample.
+    nan_rows = sample[x[sample, 0, 0, 0] > 0.5][:5].tolist()
+    assert body["rows"] == nan_rows and str(nan_rows) in body["detail"]
 
 
 def test_nan_scores_fail_the_job_when_the_worker_runs_the_preflight(

@@ -231,7 +231,7 @@ def test_refuse_non_finite_names_count_and_first_indices() -> None:
     assert error.code == "teacher_non_finite"
     assert error.extra["samples"] == 6
     assert "6 of 10 sampled samples" in error.detail
-    assert "[1, 3, 4, 6, 7]" in error.detail
+    assert "[1, 3, 4, 6, 7]" in error.detail and error.extra["rows"] == [1, 3, 4, 6, 7]
     assert "Teacher t1" in error.detail
 
 

@@ -415,9 +415,8 @@ def check_report(case: Case, built: Built, report: PreflightReport) -> None:
         case.declared_kind is None and case.head != "logits"
     ), codes
     several_unnamed = case.unnamed and case.features_output != "none"
-    # Declared class names choose the scores at upload already (by their count).
-    chosen_late = several_unnamed and case.naming == "numbered"
-    assert ("scores_output_chosen" in codes) == chosen_late, codes
+    # Chosen by width: the dataset's class count, or that of the declared class names.
+    assert ("scores_output_chosen" in codes) == several_unnamed, codes
     assert "input_range" not in codes, report.warnings  # a declared scale gives [0, 1] here
     if case.pixels != "undeclared":
         assert "input_scale_suspect" not in codes, report.warnings
