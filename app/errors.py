@@ -11,6 +11,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 # Characters that end a path in running text, and what may follow a directory in a path.
 _PATH_END = r"""\s'"`<>|"""
 _PATH_TAIL = rf"(?:[/\\][^{_PATH_END}]*)?"
@@ -168,3 +170,67 @@ class BrokerUnavailable(AppError):
 
 class PayloadTooLarge(AppError):
     status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+# What a database text column cannot hold: NUL (PostgreSQL text) and lone surrogates (not UTF-8).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_character(text: str) -> str | None:
+    """The first character of ``text`` no database text column can hold, as ``U+XXXX``."""
+    match = _UNSTORABLE.search(text)
+    return None if match is None else f"U+{ord(match.group()):04X}"
+
+
+def find_unstorable(value: Any, field: str) -> tuple[str, str] | None:
+    """The first string (key or value) in a JSON-like ``value`` holding a character no database
+    text column can hold: its dotted path from ``field`` (``teachers.0.id``; such characters in
+    keys shown as U+FFFD) and the character. Iterative: any depth the JSON parser took is walked.
+    """
+    pending: list[tuple[str, Any]] = [(field, value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            character = unstorable_character(item)
+            if character is not None:
+                return _UNSTORABLE.sub("\ufffd", path), character
+        elif isinstance(item, dict | list | tuple):
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in reversed(list(children)):
+                child_path = f"{path}.{key}" if path else str(key)
+                pending += [(child_path, child), (child_path, str(key))]
+    return None
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem+json (`application/problem+json`); some carry more fields
+    (`limit_bytes`, `job_status`...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="A URI naming the kind of problem, ending in its `code`.")
+    title: str
+    status: int
+    detail: str = Field(description="What went wrong, for a person.")
+    code: str = Field(description="What went wrong, for a program (`not_found`, ...).")
+    field: str | None = Field(
+        default=None, description="The input at fault, as a dotted path (`teachers.0.id`)."
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="`validation_error`: every error found (`loc`, `msg`, `type`)."
+    )
+
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route: each status answered with a problem+json body (the
+    app's OpenAPI document holds the ``Problem`` schema)."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}},
+        }
+        for status in statuses
+    }

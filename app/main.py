@@ -1,30 +1,93 @@
 """The HTTP API. Every error leaves as RFC 9457 problem+json."""
 
+import json
 import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.params import Form
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from app.config import MIB, get_settings
 from app.datasets.router import router as datasets_router
 from app.db import get_engine
-from app.errors import AppError, problem
+from app.errors import (
+    PROBLEM_JSON,
+    AppError,
+    InvalidInput,
+    NotFound,
+    Problem,
+    find_unstorable,
+    problem,
+    problem_responses,
+    unstorable_character,
+)
 from app.jobs.router import router as jobs_router
 from app.serving.router import router as serving_router
+from app.storage import STAGING_MAX_AGE_S, get_store
 from app.teachers.router import router as teachers_router
 
 log = logging.getLogger(__name__)
-PROBLEM_JSON = "application/problem+json"
+# A JSON body can only carry a NUL or a lone surrogate as an escape: bodies without one are not
+# walked (a predict batch holds millions of numbers; this search costs about 3% of parsing them).
+_ESCAPED_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(
         problem(status, code, detail, **extra), status_code=status, media_type=PROBLEM_JSON
     )
+
+
+def _refuse(found: tuple[str, str] | None, what: str = "`{field}`") -> None:
+    """A 422 ``invalid_input`` for what ``find_unstorable`` found (``what`` names it)."""
+    if found is not None:
+        field, character = found
+        raise InvalidInput(
+            f"{what.format(field=field)} contains {character}, which cannot be stored; remove it.",
+            field=field,
+        )
+
+
+async def refuse_unstorable_text(request: Request) -> None:
+    """Every text a request carries that could reach the database (path ids, query values, form
+    fields and file names, JSON strings) must be one a text column holds: no NUL, no lone
+    surrogate. A path id holding one names nothing (404); any other text is a 422
+    ``invalid_input`` naming its field. Runs before the route, after FastAPI parsed the body.
+    """
+    for name, value in request.path_params.items():
+        character = isinstance(value, str) and unstorable_character(value)
+        if character:
+            raise NotFound(
+                f"No resource has this {name}: it contains {character}, which no id holds.",
+                field=name,
+            )
+    for name, value in request.query_params.multi_items():
+        _refuse(find_unstorable(name, name) or find_unstorable(value, name))
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    if body_field is None:
+        return
+    if isinstance(body_field.field_info, Form):
+        # Parsed (within the route's limits) before dependencies run: this is the cached form.
+        for name, value in (await request.form()).multi_items():
+            if isinstance(value, UploadFile):
+                _refuse(find_unstorable(value.filename or "", name), "The file name of `{field}`")
+            else:
+                _refuse(find_unstorable(name, name) or find_unstorable(value, name))
+        return
+    if _ESCAPED_UNSTORABLE.search(await request.body()):
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):
+            return  # not JSON: the body's validation answers
+        _refuse(find_unstorable(body, ""))
 
 
 async def app_error_handler(_request: Request, exc: Exception) -> JSONResponse:
@@ -42,13 +105,33 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     )
 
 
-async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(app: FastAPI, path: str) -> str:
+    """The methods some route answers at ``path`` (its OpenAPI paths; HEAD with GET), for a
+    405's ``Allow``: every route at the path, not only the first that matched it."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods.update(method.upper() for method in operations)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The framework's own errors (404, 405, 413...), keeping the headers it set."""
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    return problem_response(
-        exc.status_code,
-        codes.get(exc.status_code, "http_error"),
-        str(exc.detail),
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allow = allowed_methods(request.app, request.url.path)
+        if allow:
+            headers["Allow"] = allow
+    return JSONResponse(
+        problem(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)),
+        status_code=exc.status_code,
+        media_type=PROBLEM_JSON,
+        headers=headers,
     )
 
 
@@ -57,6 +140,35 @@ async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONRes
     return problem_response(
         500, "internal_error", "An unexpected error occurred; it has been logged."
     )
+
+
+def document_problems(schema: dict[str, Any]) -> None:
+    """Document, in an OpenAPI ``schema``, the problem+json answers every operation can give:
+    422 (validation, text no column holds), 404 where the path names a resource, 400 and 413
+    where there is a body; routes declare their own others with ``problem_responses``."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
+        Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    )
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            statuses = [422, *([404] if "{" in path else [])]
+            statuses += [400, 413] if "requestBody" in operation else []
+            responses = operation.setdefault("responses", {})
+            responses.update({str(s): r for s, r in problem_responses(*statuses).items()})
+            operation["responses"] = dict(sorted(responses.items()))
+    # FastAPI's own 422 body, replaced above everywhere.
+    for name in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{name}" not in json.dumps(schema):
+            schema["components"]["schemas"].pop(name, None)
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    """At start, remove uploads left in staging by a process that died while receiving them."""
+    removed = get_store().clear_staging(older_than_s=STAGING_MAX_AGE_S)
+    if removed:
+        log.info("storage.staging_cleared", extra={"files": removed})
+    yield
 
 
 def create_app() -> FastAPI:
@@ -68,6 +180,8 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="Knowledge distillation as a service: upload a teacher, get a small student.",
         max_body_size=max_body,
+        lifespan=lifespan,
+        dependencies=[Depends(refuse_unstorable_text)],
     )
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -81,7 +195,7 @@ def create_app() -> FastAPI:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get("/readyz", tags=["ops"], responses=problem_responses(503))
     def readyz() -> JSONResponse:
         """The database answers."""
         try:
@@ -91,4 +205,11 @@ def create_app() -> FastAPI:
             return problem_response(503, "not_ready", f"database unreachable: {e}")
         return JSONResponse({"status": "ready"})
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_problems(FastAPI.openapi(app))
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

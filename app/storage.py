@@ -3,20 +3,34 @@
 In server mode the root is a directory every API and worker host mounts (a shared volume).
 Keys are relative POSIX paths built by Distill itself, never taken from a user, and only by the
 functions in ``keys`` below.
+
+An upload is received into ``staging/`` and either adopted (moved to its key) or removed: the
+services check it inside ``ArtifactStore.holding``, and files of a row whose transaction rolls
+back go with it (``remove_on_rollback``). What a killed process left in staging is removed when
+the API starts (``clear_staging``).
 """
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
 from app.config import get_settings
 from app.errors import PayloadTooLarge
 
 CHUNK = 1 << 20
+# Staged files older than this are left from a dead process (an upload being received now is
+# younger, whichever API process on the shared volume receives it).
+STAGING_MAX_AGE_S = 3600.0
 
 
 class keys:
@@ -33,8 +47,12 @@ class keys:
         return f"{keys.teacher_dir(teacher_id)}/teacher.{teacher_format}"
 
     @staticmethod
+    def dataset_dir(dataset_id: str) -> str:
+        return f"datasets/{dataset_id}"
+
+    @staticmethod
     def dataset(dataset_id: str) -> str:
-        return f"datasets/{dataset_id}/data.npz"
+        return f"{keys.dataset_dir(dataset_id)}/data.npz"
 
     @staticmethod
     def checkpoints(job_id: str) -> str:
@@ -74,9 +92,13 @@ class ArtifactStore:
             raise ValueError(f"storage key escapes the store: {key}")
         return path
 
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
     def receive(self, source: BinaryIO, *, max_bytes: int) -> StoredFile:
         """Stream an upload to a temporary file, hashing it; 413 past ``max_bytes``."""
-        staging = self.root / "staging"
+        staging = self.staging
         staging.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
         with tempfile.NamedTemporaryFile(dir=staging, delete=False) as out:
@@ -95,6 +117,27 @@ class ArtifactStore:
                 raise
         return StoredFile(Path(out.name), digest.hexdigest(), size)
 
+    @contextlib.contextmanager
+    def holding(self, upload: StoredFile) -> Iterator[StoredFile]:
+        """Around the code that checks and adopts a staged upload: if it raises, whatever the
+        reason, the staged file is removed (once adopted it has moved, and stays)."""
+        try:
+            yield upload
+        except BaseException:
+            upload.path.unlink(missing_ok=True)
+            raise
+
+    def clear_staging(self, *, older_than_s: float) -> int:
+        """Remove staged files not modified for ``older_than_s``; returns how many."""
+        cutoff, removed = time.time() - older_than_s, 0
+        for path in self.staging.glob("*") if self.staging.is_dir() else ():
+            # Another process may remove or adopt it meanwhile: skip what cannot be read.
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
     def adopt(self, staged: Path, key: str) -> Path:
         """Move a staged file to its key (same filesystem: an atomic rename)."""
         target = self.path(key)
@@ -104,6 +147,12 @@ class ArtifactStore:
 
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+
+def remove_on_rollback(session: Session, store: ArtifactStore, prefix: str) -> None:
+    """Remove ``prefix`` from the store if ``session``'s transaction rolls back: the files of a
+    row that will never be committed (the request failed after they were adopted)."""
+    event.listen(session, "after_rollback", lambda _: store.delete_tree(prefix), once=True)
 
 
 @lru_cache

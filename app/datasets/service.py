@@ -10,7 +10,7 @@ from app.datasets.schemas import DatasetOut
 from app.errors import DatasetUnavailable, InvalidSpec, NotFound
 from app.ml.signature import ModelSignature
 from app.models import Dataset
-from app.storage import ArtifactStore, StoredFile, keys
+from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback
 
 
 @dataclass(frozen=True)
@@ -81,42 +81,42 @@ def create_dataset(
     name: str,
     classes: list[str] | None = None,
 ) -> Dataset:
-    """Check the staged ``.npz`` fully (shapes, dtypes, labels, NaN) before keeping it.
+    """Check the staged ``.npz`` fully (shapes, dtypes, labels, NaN) before keeping it. The
+    staged file is removed if this fails for any reason, and the kept one if the request's
+    transaction rolls back.
 
     ``classes`` names the label values (``parse_classes``); without it labels must start at 0.
     """
-    try:
+    with store.holding(upload):
         data = read_dataset_npz(upload.path, max_bytes=max_bytes)
         check_labels(data, classes)
         stats = input_stats(data.x, data.x_test, dtype=data.x_dtype)
-    except BaseException:
-        upload.path.unlink(missing_ok=True)
-        raise
-    if data.x_test is None:
-        test_size = holdout_test_size(len(data.x))
-        train_size = len(data.x) - test_size
-    else:
-        train_size, test_size = len(data.x), len(data.x_test)
-    dataset = Dataset(
-        name=name,
-        sha256=upload.sha256,
-        size_bytes=upload.size_bytes,
-        signature=ModelSignature.for_tensor(
-            data.input_shape,
-            data.num_classes if classes is None else len(classes),
-            classes=classes,
-        ).model_dump(mode="json"),
-        train_size=train_size,
-        test_size=test_size,
-        has_test_split=data.x_test is not None,
-        labelled=data.y is not None,
-        input_stats=stats.model_dump(mode="json"),
-        storage_key="",
-    )
-    session.add(dataset)
-    session.flush()
-    dataset.storage_key = keys.dataset(dataset.id)
-    store.adopt(upload.path, dataset.storage_key)
+        if data.x_test is None:
+            test_size = holdout_test_size(len(data.x))
+            train_size = len(data.x) - test_size
+        else:
+            train_size, test_size = len(data.x), len(data.x_test)
+        dataset = Dataset(
+            name=name,
+            sha256=upload.sha256,
+            size_bytes=upload.size_bytes,
+            signature=ModelSignature.for_tensor(
+                data.input_shape,
+                data.num_classes if classes is None else len(classes),
+                classes=classes,
+            ).model_dump(mode="json"),
+            train_size=train_size,
+            test_size=test_size,
+            has_test_split=data.x_test is not None,
+            labelled=data.y is not None,
+            input_stats=stats.model_dump(mode="json"),
+            storage_key="",
+        )
+        session.add(dataset)
+        session.flush()
+        dataset.storage_key = keys.dataset(dataset.id)
+        remove_on_rollback(session, store, keys.dataset_dir(dataset.id))
+        store.adopt(upload.path, dataset.storage_key)
     return dataset
 
 

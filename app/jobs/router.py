@@ -4,14 +4,23 @@ from fastapi import APIRouter, Query, Response, status
 
 from app.config import MIB
 from app.dependencies import SessionDep
+from app.errors import problem_responses
 from app.jobs import service
 from app.jobs.schemas import DistillationSpec, JobOut, JobPage, MetricList, MetricOut
 from app.models import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# Past any page there is: a bound keeps the number one the database takes.
+MAX_OFFSET = 2**31 - 1
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, max_body_size=MIB)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    max_body_size=MIB,
+    responses=problem_responses(503),
+)
 def create_job(session: SessionDep, spec: DistillationSpec, response: Response) -> JobOut:
     """Submit a distillation job; it is queued and runs on a worker."""
     job = service.create_job(session, spec)
@@ -23,7 +32,7 @@ def create_job(session: SessionDep, spec: DistillationSpec, response: Response) 
 def list_jobs(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     status: JobStatus | None = None,
 ) -> JobPage:
     """Jobs, newest first, optionally of one status."""
@@ -46,7 +55,12 @@ def get_metrics(session: SessionDep, job_id: str) -> MetricList:
     )
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=problem_responses(409),
+)
 def cancel_job(session: SessionDep, job_id: str) -> JobOut:
     """Cancel a job: at once if queued, at the worker's next check if running."""
     return service.job_out(session, service.cancel_job(session, job_id))

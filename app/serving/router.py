@@ -5,6 +5,7 @@ from fastapi.responses import FileResponse
 
 from app.config import MIB
 from app.dependencies import SessionDep, SettingsDep, StoreDep
+from app.errors import problem_responses
 from app.ml.artifacts import FILENAMES, MEDIA_TYPES
 from app.models import ArtifactFormat
 from app.serving import service
@@ -13,7 +14,7 @@ from app.serving.schemas import PredictRequest, PredictResponse
 router = APIRouter(prefix="/v1/jobs", tags=["serving"])
 
 
-@router.get("/{job_id}/artifact", response_class=FileResponse)
+@router.get("/{job_id}/artifact", response_class=FileResponse, responses=problem_responses(409))
 def download_artifact(
     session: SessionDep, store: StoreDep, job_id: str, format: ArtifactFormat = ArtifactFormat.ONNX
 ) -> FileResponse:
@@ -33,7 +34,12 @@ def download_artifact(
 
 
 # A full batch of max_predict_batch samples of a few thousand numbers each, as JSON text.
-@router.post("/{job_id}/predict", response_model=PredictResponse, max_body_size=64 * MIB)
+@router.post(
+    "/{job_id}/predict",
+    response_model=PredictResponse,
+    max_body_size=64 * MIB,
+    responses=problem_responses(409),
+)
 def predict(
     session: SessionDep, store: StoreDep, settings: SettingsDep, job_id: str, body: PredictRequest
 ) -> PredictResponse:

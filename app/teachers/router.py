@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Response, UploadFile, status
 
 from app.dependencies import SessionDep, SettingsDep, StoreDep
+from app.errors import problem_responses
 from app.ml.signature import OutputKind
 from app.teachers import service
 from app.teachers.schemas import TeacherList, TeacherOut
@@ -10,7 +11,12 @@ from app.teachers.schemas import TeacherList, TeacherOut
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TeacherOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TeacherOut,
+    responses=problem_responses(415),
+)
 def upload_teacher(
     session: SessionDep,
     store: StoreDep,
@@ -73,7 +79,9 @@ def get_teacher(session: SessionDep, teacher_id: str) -> TeacherOut:
     return TeacherOut.model_validate(service.get_teacher(session, teacher_id))
 
 
-@router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(409)
+)
 def delete_teacher(session: SessionDep, store: StoreDep, teacher_id: str) -> Response:
     """Delete a teacher that no unfinished job uses."""
     service.delete_teacher(session, store=store, teacher_id=teacher_id)
