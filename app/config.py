@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         description="A teacher whose forward pass on one sample needs more activation memory "
         "than this (computed from its shapes, without running it) is refused at upload.",
     )
+    max_training_activation_bytes: int = Field(
+        default=8192 * MIB,
+        description="A job whose student needs more than this for one training batch's "
+        "activations and their gradients (computed from shapes) is refused at submission.",
+    )
     max_dataset_memory_bytes: int = Field(
         default=2048 * MIB,
         description="An uploaded dataset whose arrays decode to more than this is refused "

@@ -30,7 +30,7 @@ class MethodKind(StrEnum):
 class MethodConfig(BaseModel):
     """One method's parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: ClassVar[MethodKind]
 
     @property
@@ -131,7 +131,7 @@ class GeneralizedJSD(_Softened):
 class LayerPair(BaseModel):
     """One hooked layer of each model whose outputs a feature method matches."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     teacher: str = Field(
         min_length=1,
         max_length=255,

@@ -11,7 +11,7 @@ from app.ml.students import StudentSpec
 
 
 class Training(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     epochs: int = Field(default=5, ge=1, le=1000)
     batch_size: int = Field(default=128, ge=1, le=65_536)
     learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
@@ -38,13 +38,13 @@ class Training(BaseModel):
 
 
 class WeightedTeacher(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     id: str = Field(max_length=64)
     weight: float = Field(default=1.0, gt=0.0, le=1000.0)
 
 
 class DistillationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     teacher: str | None = Field(
         default=None, description="Id of an uploaded teacher.", max_length=64
     )

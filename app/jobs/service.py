@@ -13,7 +13,7 @@ from app.jobs.features import resolve_layer_pairs
 from app.jobs.methods import FeatureMethod
 from app.jobs.preflight import PreflightReport, PreflightTeacher, run_preflight, settle_scores
 from app.jobs.schemas import DistillationSpec, JobOut
-from app.ml.layers import FeatureLayer
+from app.ml.layers import FeatureLayer, activation_bytes
 from app.ml.signature import ModelSignature, SignatureMismatch, check_compatible
 from app.ml.students import family_of
 from app.ml.teacher_formats import FORMATS, ScoresChoice
@@ -87,6 +87,17 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
         raise InvalidSpec(
             f"A {spec.student.architecture} student cannot take these inputs: {reason}.",
             field="student.architecture",
+        )
+    # Training keeps every layer's output for the backward pass, and their gradients.
+    batch_bytes = 2 * activation_bytes(spec.student, dataset.signature) * spec.training.batch_size
+    budget = get_settings().max_training_activation_bytes
+    if batch_bytes > budget:
+        raise InvalidSpec(
+            f"This student needs about {batch_bytes / 2**30:.1f} GiB of activations and "
+            f"gradients for one batch of {spec.training.batch_size}, more than the "
+            f"{budget / 2**30:.1f} GiB DISTILL_MAX_TRAINING_ACTIVATION_BYTES allows: use a "
+            "smaller `training.batch_size` or a narrower student.",
+            field="training.batch_size",
         )
     if isinstance(spec.distillation, FeatureMethod):
         if len(teachers) > 1:

@@ -281,3 +281,26 @@ def test_results_stored_by_the_first_version_are_still_served() -> None:
     }
     result = JobResult.model_validate(first_version)
     assert result.teachers == [] and result.kl_to_teacher is None and not result.label_free
+
+
+def test_infinite_numbers_in_a_spec_are_refused(client: TestClient, teacher_id: object) -> None:
+    """`1e999` parses as infinity: PostgreSQL's JSON cannot hold it (it was a 500 there)."""
+    body = json.dumps(job_body(teacher_id)).replace(
+        '"seed": 0', '"seed": 0, "grad_clip_norm": 1e999'
+    )
+    response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()["field"]) == (422, "training.grad_clip_norm")
+
+
+def test_a_student_whose_batch_activations_exceed_the_budget_is_refused(
+    client: TestClient, teacher_id: object
+) -> None:
+    """An MLP of 16384-wide layers on batches of 65536 would need about 16 GiB to train."""
+    body = job_body(
+        teacher_id,
+        student={"architecture": "mlp", "hidden_sizes": [16384, 16384]},
+        training={"batch_size": 65536},
+    )
+    response = client.post("/v1/jobs", json=body)
+    assert (response.status_code, response.json()["field"]) == (422, "training.batch_size")
+    assert "GiB" in response.json()["detail"]

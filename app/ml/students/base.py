@@ -17,7 +17,7 @@ class StudentSpecBase(BaseModel):
     """A family's spec: pure data, stored with the job and in the artifact manifest, so a student
     is rebuilt from its spec and weights alone. ``architecture`` names the family."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     architecture: str
 
 

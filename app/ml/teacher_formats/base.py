@@ -58,7 +58,7 @@ class ScoresChoice(BaseModel):
 class TeacherDeclarations(BaseModel):
     """What the uploader says of a teacher that the file cannot say (the upload's form fields)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     output: str | None = Field(default=None, description="The output holding the class scores.")
     output_kind: OutputKind | None = Field(
         default=None, description="`logits`, `probabilities` or `log_probabilities`."

@@ -37,7 +37,7 @@ CONFIG_HELP = (
 class TeacherConfig(BaseModel):
     """The ``config`` sent with a safetensors teacher: the architecture and its input/output."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     architecture: StudentSpec
     input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(min_length=1, max_length=4)
     num_classes: int = Field(ge=2, le=100_000)
