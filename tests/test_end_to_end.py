@@ -341,3 +341,29 @@ def test_cancelled_jobs_do_not_hold_up_the_queue(
     print(f"the real job started {waited:.1f} s after the worker (39 cancelled messages before it)")
     assert waited < 20
     assert is_terminal(wait_for(client, ids[-1], is_terminal))
+
+
+def test_workers_stopped_mid_job_and_started_again(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    """Every worker stopped (SIGTERM to its process group, as a redeploy does) mid-job, nothing
+    running for 15 s, then a worker started: the job runs again within seconds, from its last
+    checkpoint, with the default recovery settings."""
+    first = start_worker(beat=True)
+    teacher = upload_teacher(client, digits_teacher)
+    body = job_body(teacher["id"], training={"epochs": 40, "batch_size": 16})
+    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    wait_for(
+        client, job_id, lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 3, timeout=120
+    )
+    os.killpg(first.pid, signal.SIGTERM)
+    first.wait(timeout=60)
+    epoch_at_stop = client.get(f"/v1/jobs/{job_id}").json()["latest_metrics"]["epoch"]
+    time.sleep(15)
+    restarted = time.monotonic()
+    start_worker(beat=True)
+    wait_for(client, job_id, lambda j: j["attempt"] == 2 and j["status"] == "running", timeout=60)
+    print(f"running again {time.monotonic() - restarted:.1f} s after the workers came back")
+    job = wait_for(client, job_id, is_terminal, timeout=180)
+    assert job["status"] == "succeeded", job["error"]
+    assert 3 <= job["result"]["resumed_from_epoch"] <= epoch_at_stop + 1

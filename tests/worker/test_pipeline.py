@@ -33,6 +33,12 @@ def test_a_job_runs_in_process_and_its_student_is_served(
     accuracy = (np.array(predicted.json()["predictions"]) == data.y_test).mean()
     assert accuracy == pytest.approx(result["student_accuracy"])
 
+    too_many = client.post(
+        f"/v1/jobs/{job_id}/predict", json={"inputs": [data.x_test[0].tolist()] * 1025}
+    )
+    assert (too_many.status_code, too_many.json()["field"]) == (422, "inputs")
+    assert "At most 1024 samples" in too_many.json()["detail"]
+
     run_job(job_id)  # a duplicate delivery changes nothing
     assert client.get(f"/v1/jobs/{job_id}").json()["attempt"] == 1
 
