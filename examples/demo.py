@@ -208,6 +208,8 @@ def main() -> None:
                 )
             result = job["result"]
             assert isinstance(result, dict)
+            for warning in result["warnings"]:
+                print(f"   warning {warning['code']}: {warning['detail']}")
             print(f"6. /predict on {len(data.x_test):,} test samples\n")
             print(table(result, correct / len(data.x_test)))
     finally:

@@ -21,6 +21,7 @@ from app.datasets.arrays import DatasetArrays
 from app.errors import PreflightFailed
 from app.jobs.methods import FeatureMethod
 from app.jobs.preflight import (
+    Finding,
     PreflightReport,
     PreflightTeacher,
     refuse_non_finite,
@@ -418,6 +419,7 @@ class DistillationRecipe:
                     self.inputs.teachers, self.weights, self.per_teacher, strict=True
                 )
             ],
+            warnings=training_warnings(outcome, self.spec.training.epochs),
             best_epoch=outcome.state.best_epoch,
             best_val_accuracy=outcome.state.best_val_accuracy,
             epochs_run=outcome.state.epoch,
@@ -467,6 +469,22 @@ class DistillationRecipe:
             },
         )
         return RecipeOutput(result, paths)
+
+
+def training_warnings(outcome: LoopOutcome, epochs: int) -> list[Finding]:
+    """``still_improving`` when the best validation accuracy came in the last of all the epochs
+    asked for (after the first): the student was still learning when training stopped."""
+    state = outcome.state
+    if epochs > 1 and state.epoch == epochs and state.best_epoch == epochs:
+        return [
+            Finding(
+                code="still_improving",
+                detail=f"The best validation accuracy came in the last epoch ({epochs}): the "
+                "student was still improving. More `training.epochs` would likely give a better "
+                "one.",
+            )
+        ]
+    return []
 
 
 class _LoopCallbacks:

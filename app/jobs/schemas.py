@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.jobs.methods import DistillationMethod, KnowledgeDistillation
-from app.jobs.preflight import PreflightReport
+from app.jobs.preflight import Finding, PreflightReport
 from app.ml.students import StudentSpec
 
 
@@ -130,6 +130,11 @@ class JobResult(BaseModel):
     teacher_latency_ms: float | None = None
     speedup: float | None = Field(default=None, description="Teacher latency / student latency.")
     wall_seconds: float | None = None
+    warnings: list[Finding] = Field(
+        default=[],
+        description="What the figures suggest doing differently (e.g. `still_improving`: the best "
+        "epoch was the last, more epochs would likely help).",
+    )
 
 
 class JobOut(BaseModel):

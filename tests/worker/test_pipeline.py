@@ -24,6 +24,8 @@ def test_a_job_runs_in_process_and_its_student_is_served(
     result = job["result"]
     assert result["teacher_accuracy"] == pytest.approx(digits_teacher.test_accuracy)
     assert result["epochs_run"] == 3 and result["wall_seconds"] > 0
+    codes = [w["code"] for w in result["warnings"]]
+    assert codes == (["still_improving"] if result["best_epoch"] == 3 else [])
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     manifest = client.get(f"/v1/jobs/{job_id}/artifact", params={"format": "manifest"}).json()
