@@ -74,6 +74,7 @@ class ArtifactFormat(StrEnum):
     MANIFEST = "manifest"
     SAFETENSORS = "safetensors"
     ONNX = "onnx"
+    ONNX_INT8 = "onnx_int8"  # the student quantised to int8 (onnxruntime), served as version int8
 
 
 class Teacher(Base):
@@ -129,6 +130,9 @@ class Job(Base):
         ForeignKey("teachers.id", ondelete="SET NULL"), index=True
     )
     dataset_ref: Mapped[str] = mapped_column(String(64))
+    # A name the user gives a succeeded job's student, to serve it by (Open Inference Protocol
+    # model name); unique.
+    alias: Mapped[str | None] = mapped_column(String(64), unique=True)
     attempt: Mapped[int] = mapped_column(default=0)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     result: Mapped[dict[str, Any] | None]

@@ -15,11 +15,13 @@ FILENAMES = {
     ArtifactFormat.MANIFEST: "manifest.json",
     ArtifactFormat.SAFETENSORS: "model.safetensors",
     ArtifactFormat.ONNX: "model.onnx",
+    ArtifactFormat.ONNX_INT8: "model.int8.onnx",
 }
 MEDIA_TYPES = {
     ArtifactFormat.MANIFEST: "application/json",
     ArtifactFormat.SAFETENSORS: "application/octet-stream",
     ArtifactFormat.ONNX: "application/octet-stream",
+    ArtifactFormat.ONNX_INT8: "application/octet-stream",
 }
 
 
