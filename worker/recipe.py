@@ -7,6 +7,7 @@ benchmark ignores them. Each phase's outputs are kept on the recipe for the next
 """
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +31,7 @@ from app.jobs.preflight import (
     teacher_inputs,
 )
 from app.jobs.schemas import DistillationSpec, JobResult, TeacherScore
+from app.ml.artifacts import FILENAMES
 from app.ml.hooks import FeatureTap
 from app.ml.layers import feature_layers
 from app.ml.onnx_io import onnx_latency_ms
@@ -41,9 +43,12 @@ from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import accuracy, logit_metrics, per_class_accuracy
 from worker.export import write_manifest, write_student
 from worker.losses import build_loss
+from worker.quantize import int8_student
 from worker.teacher_cache import cache_key, cached_teacher_logits
 from worker.teachers import TeacherRecord, ensemble_logits
 from worker.training.loop import Batch, LoopOutcome, LoopState, predict_logits, train
+
+log = logging.getLogger(__name__)
 
 VALIDATION_FRACTION = 0.1
 MAX_VALIDATION = 10_000
@@ -435,12 +440,57 @@ class DistillationRecipe:
             cpu_threads=torch.get_num_threads(),
         )
 
+    def export_int8(
+        self, float_latency_ms: float
+    ) -> tuple[Path | None, dict[str, object], list[Finding]]:
+        """The student quantised to int8 beside its float32 ONNX graph (``worker.quantize``):
+        its path, its figures as ``JobResult`` fields, and warnings. Quantisation failing never
+        fails the job: the int8 student is then skipped (no path, no figures) with an
+        ``int8_skipped`` warning saying why."""
+        float_path = self.inputs.artifact_dir / FILENAMES[ArtifactFormat.ONNX]
+        path = self.inputs.artifact_dir / FILENAMES[ArtifactFormat.ONNX_INT8]
+        try:
+            figures = int8_student(
+                float_path,
+                path,
+                family_of(self.spec.student).name,
+                self.student_signature,
+                calibration=self.val_split.x.cpu().numpy(),
+                test_x=self.test_split.x.cpu().numpy(),
+                test_labels=self.test_split.labels.cpu().numpy(),
+                float_latency_ms=float_latency_ms,
+            )
+        except Exception as e:
+            log.warning("job %s: int8 quantisation failed", self.inputs.job_id, exc_info=True)
+            path.unlink(missing_ok=True)
+            warning = Finding(
+                code="int8_skipped",
+                detail=f"The student could not be quantised to int8 ({type(e).__name__}: {e}); "
+                "only the float32 student was exported.",
+            )
+            return None, {}, [warning]
+        return (
+            path,
+            {
+                "int8_method": figures.method,
+                "int8_accuracy": figures.accuracy,
+                "int8_agreement": figures.agreement,
+                "int8_latency_ms": figures.latency_ms,
+                "int8_size_bytes": figures.size_bytes,
+                "int8_speedup": figures.speedup,
+            },
+            [],
+        )
+
     def export(self, result: JobResult) -> RecipeOutput:
-        """Write the student, time it and the teacher alike (ONNX, one CPU thread), then the
-        manifest with the complete figures."""
+        """Write the student (float32, and int8 unless quantisation fails), time it and the
+        teacher alike (ONNX, one CPU thread), then the manifest with the complete figures."""
         directory = self.inputs.artifact_dir
         paths = write_student(directory, self.student, self.student_signature)
         student_latency = onnx_latency_ms(paths[ArtifactFormat.ONNX], self.student_signature)
+        int8_path, int8_fields, int8_warnings = self.export_int8(student_latency)
+        if int8_path is not None:
+            paths[ArtifactFormat.ONNX_INT8] = int8_path
         # An ensemble answers once all its members have: their latencies add up.
         teacher_latency = sum(backend.latency_ms() for backend in self.backends)
         result = result.model_copy(
@@ -451,6 +501,8 @@ class DistillationRecipe:
                 "teacher_latency_ms": teacher_latency,
                 "speedup": teacher_latency / student_latency,
                 "wall_seconds": time.perf_counter() - self.inputs.started,
+                **int8_fields,
+                "warnings": [*result.warnings, *int8_warnings],
             }
         )
         paths[ArtifactFormat.MANIFEST] = write_manifest(

@@ -130,6 +130,28 @@ class JobResult(BaseModel):
     teacher_latency_ms: float | None = None
     speedup: float | None = Field(default=None, description="Teacher latency / student latency.")
     wall_seconds: float | None = None
+    int8_method: Literal["dynamic", "static"] | None = Field(
+        default=None,
+        description="How the int8 student (artifact format `onnx_int8`) was quantised with "
+        "onnxruntime: `dynamic` (weights int8, activations scaled at run time; MLPs) or `static` "
+        "(activation ranges calibrated on validation samples, QDQ format; convnets). The int8 "
+        "figures are null when quantisation was skipped or failed (see `warnings`, "
+        "`int8_skipped`).",
+    )
+    int8_accuracy: float | None = Field(
+        default=None, description="The int8 student's accuracy (onnxruntime, test split)."
+    )
+    int8_agreement: float | None = Field(
+        default=None,
+        description="Fraction of test samples where the int8 and float32 students agree.",
+    )
+    int8_latency_ms: float | None = Field(
+        default=None, description="The int8 student's latency, measured as `student_latency_ms`."
+    )
+    int8_size_bytes: int | None = Field(default=None, description="The int8 ONNX student's size.")
+    int8_speedup: float | None = Field(
+        default=None, description="Float32 student latency / int8 student latency."
+    )
     warnings: list[Finding] = Field(
         default=[],
         description="What the figures suggest doing differently (e.g. `still_improving`: the best "
