@@ -1,11 +1,12 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from sse_starlette import EventSourceResponse
 
 from app.config import MIB
 from app.dependencies import SessionDep
 from app.errors import problem_responses
-from app.jobs import service
+from app.jobs import events, service
 from app.jobs.schemas import DistillationSpec, JobOut, JobPage, MetricList, MetricOut
 from app.models import JobStatus
 
@@ -52,6 +53,49 @@ def get_metrics(session: SessionDep, job_id: str) -> MetricList:
     rows = service.list_metrics(session, job_id)
     return MetricList(
         items=[MetricOut(epoch=r.epoch, values=r.values, created_at=r.created_at) for r in rows]
+    )
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "The job's server-sent events, until it ends.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "The `Last-Event-ID` is the `end` event's: nothing follows."},
+    },
+)
+async def job_events(
+    request: Request,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    """Follow a job as it runs: server-sent events (WHATWG HTML Standard, "Server-sent events";
+    `text/event-stream`), ending when the job ends.
+
+    Events (``event:``; ``data:`` one line of JSON): ``status`` (``status``, ``phase``,
+    ``attempt``; on every change), ``preflight`` (the report, once), ``metrics`` (``epoch``,
+    ``values``, ``created_at``; one per epoch, as ``/metrics`` lists them), ``progress``
+    (``progress``, a fraction; on a change of 1 % or after 2 s), then ``result`` or ``error``, and
+    ``end`` (``status``) last, after which the stream closes. The first event carries ``retry:``;
+    a comment every 15 s keeps the connection open. The rows are polled every 0.5 s.
+
+    Each ``id:`` is what the client has seen so far (``app.jobs.events``: ``<seq>.<attempt>.
+    <status>.<phase>.<preflight>.<metrics row>.<progress>.<final>``). Reconnecting with it in
+    ``Last-Event-ID`` (an EventSource does so itself) sends only what the client has not seen:
+    later metrics rows, the preflight if not sent, the current status once if it differs, the
+    progress if changed, the outcome and ``end``. Statuses are not stored historically, so the
+    ones passed through while disconnected are not replayed. After ``end``'s id the answer is 204,
+    which stops an EventSource from reconnecting. An unreadable id replays the whole stream.
+    """
+    cursor = events.Cursor.decode(last_event_id)
+    snapshot = await events.first_snapshot(job_id, cursor)
+    if cursor.final is events.Final.END:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return EventSourceResponse(
+        events.follow(request, job_id, cursor, snapshot), ping=events.KEEP_ALIVE_S
     )
 
 
