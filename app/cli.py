@@ -127,10 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in (
         ("up", "migrate, then run API and worker together"),
         ("api", "run the API"),
+        ("serve", "serve students only: Open Inference Protocol v2, /predict, health"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
+    serve_parser = p
+    serve_parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (each loads its own models)"
+    )
     p = sub.add_parser("worker", help="run a Celery worker")
     p.add_argument(
         "--concurrency",
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return up(args.host, args.port)
     if args.command == "api":
         os.execv(sys.executable, api_command(args.host, args.port))
+    if args.command == "serve":
+        command = api_command(args.host, args.port)
+        command[command.index("app.main:create_app")] = "app.serving.app:create_serving_app"
+        command += ["--workers", str(args.workers)]
+        os.execv(sys.executable, command)
     if args.command == "worker":
         os.execv(sys.executable, worker_command(args.concurrency, args.beat, args.queues))
     if args.command == "migrate":

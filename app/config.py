@@ -28,6 +28,23 @@ class Settings(BaseSettings):
     max_teacher_bytes: int = 1024 * MIB
     max_dataset_bytes: int = 1024 * MIB
     max_predict_batch: int = 1024
+    serve_max_batch: int = Field(
+        default=64,
+        ge=1,
+        description="Concurrent requests to one served model are run together, up to this many "
+        "samples per run (1: no micro-batching).",
+    )
+    serve_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="While a served model is under load, how long a run waits for its batch to "
+        "fill; a lone request never waits.",
+    )
+    serve_models_max_bytes: int = Field(
+        default=1024 * MIB,
+        description="Served models kept loaded (estimated from their file sizes), least recently "
+        "used evicted first.",
+    )
     teacher_cache_max_bytes: int = Field(
         default=20 * 1024 * MIB,
         description="Cached teacher outputs beyond this are evicted, least recently used first.",

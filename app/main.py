@@ -31,6 +31,8 @@ from app.errors import (
 )
 from app.jobs.router import router as jobs_router
 from app.serving.router import router as serving_router
+from app.serving.v2 import protocol_error_for
+from app.serving.v2 import router as v2_router
 from app.storage import STAGING_MAX_AGE_S, get_store
 from app.teachers.router import router as teachers_router
 
@@ -90,16 +92,20 @@ async def refuse_unstorable_text(request: Request) -> None:
         _refuse(find_unstorable(body, ""))
 
 
-async def app_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def app_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
+    if v2 := protocol_error_for(request, exc.status, exc.detail):
+        return v2
     return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_JSON)
 
 
-async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+    if v2 := protocol_error_for(request, 400, f"{field or 'request'}: {first['msg']}"):
+        return v2
     return problem_response(
         422, "validation_error", f"{field or 'request'}: {first['msg']}", field=field, errors=errors
     )
@@ -121,6 +127,8 @@ def allowed_methods(app: FastAPI, path: str) -> str:
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """The framework's own errors (404, 405, 413...), keeping the headers it set."""
     assert isinstance(exc, HTTPException)
+    if v2 := protocol_error_for(request, exc.status_code, str(exc.detail)):
+        return v2
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
@@ -135,8 +143,10 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def unexpected_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("request.unhandled_error", exc_info=exc)
+    if v2 := protocol_error_for(request, 500, "An unexpected error occurred; it has been logged."):
+        return v2
     return problem_response(
         500, "internal_error", "An unexpected error occurred; it has been logged."
     )
@@ -189,6 +199,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(Exception, unexpected_error_handler)
     for router in (teachers_router, datasets_router, jobs_router, serving_router):
         app.include_router(router)
+    app.include_router(v2_router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -168,6 +168,9 @@ class JobOut(BaseModel):
     spec: dict[str, Any]
     teacher_id: str | None
     dataset: str
+    alias: str | None = Field(
+        default=None, description="The name its student is served by (`/v2/models/{alias}`)."
+    )
     created_at: datetime
     started_at: datetime | None
     heartbeat_at: datetime | None

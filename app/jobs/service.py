@@ -214,6 +214,7 @@ def _job_out(job: Job, metrics: dict[str, Any] | None) -> JobOut:
         spec=job.spec,
         teacher_id=job.teacher_id,
         dataset=job.dataset_ref,
+        alias=job.alias,
         created_at=job.created_at,
         started_at=job.started_at,
         heartbeat_at=job.heartbeat_at,

@@ -1,17 +1,20 @@
 import base64
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.config import MIB
 from app.dependencies import SessionDep, SettingsDep, StoreDep
-from app.errors import problem_responses
+from app.errors import NotFound, problem_responses
 from app.ml.artifacts import FILENAMES, MEDIA_TYPES
 from app.models import ArtifactFormat
 from app.serving import service
-from app.serving.schemas import PredictRequest, PredictResponse
+from app.serving.engine import get_serving_engine, softmax
+from app.serving.schemas import AliasRequest, AliasResponse, PredictRequest, PredictResponse
 
 router = APIRouter(prefix="/v1/jobs", tags=["serving"])
+# The routes a serving-only process (`distill serve`) answers too, under the same prefix.
+predict_router = APIRouter(tags=["serving"])
 
 
 @router.get("/{job_id}/artifact", response_class=FileResponse, responses=problem_responses(409))
@@ -34,22 +37,53 @@ def download_artifact(
 
 
 # A full batch of max_predict_batch samples of a few thousand numbers each, as JSON text.
-@router.post(
+@predict_router.post(
     "/{job_id}/predict",
     response_model=PredictResponse,
     max_body_size=64 * MIB,
     responses=problem_responses(409),
 )
-def predict(
-    session: SessionDep, store: StoreDep, settings: SettingsDep, job_id: str, body: PredictRequest
-) -> PredictResponse:
-    """Classify a batch with the job's student."""
-    predictor = service.get_predictor(session, store=store, job_id=job_id)
-    batch = service.parse_inputs(body.inputs, predictor, settings.max_predict_batch)
-    predictions, probabilities = predictor.predict(batch)
-    classes = predictor.manifest.classes
+async def predict(settings: SettingsDep, job_id: str, body: PredictRequest) -> PredictResponse:
+    """Classify a batch with the job's student, on the serving engine (onnxruntime, requests
+    to one student micro-batched together)."""
+    try:
+        model = await service.resolve(job_id)
+    except service.NoSuchJob as e:
+        raise NotFound(f"No job with id {job_id}.") from e
+    if model.job_id != job_id:  # an alias names the student in /v2, not the job here
+        raise NotFound(f"No job with id {job_id}.")
+    batch = service.parse_inputs(body.inputs, model.signature, settings.max_predict_batch)
+    version = service.DEFAULT_VERSION
+    logits = await get_serving_engine().infer(
+        model.key(version),
+        service.model_path(model, version),
+        model.signature,
+        {model.signature.inputs[0].name: batch},
+    )
+    probabilities = softmax(logits)
+    predictions = probabilities.argmax(axis=-1)
+    classes = model.manifest.classes
     return PredictResponse(
         predictions=predictions.tolist(),
         labels=[classes[i] for i in predictions],
         probabilities=probabilities.tolist(),
     )
+
+
+@router.put("/{job_id}/alias", response_model=AliasResponse, responses=problem_responses(409))
+def set_alias(session: SessionDep, job_id: str, body: AliasRequest) -> AliasResponse:
+    """Name a succeeded job's student: the Open Inference Protocol serves it as
+    ``/v2/models/{alias}`` too. 409 if another job has the alias or this one has not
+    succeeded."""
+    job = service.set_alias(session, job_id, body.alias)
+    return AliasResponse(job_id=job.id, alias=job.alias)
+
+
+@router.delete("/{job_id}/alias", status_code=204)
+def delete_alias(session: SessionDep, job_id: str) -> Response:
+    """Remove the job's alias (if any); its student stays served by its id."""
+    service.clear_alias(session, job_id)
+    return Response(status_code=204)
+
+
+router.include_router(predict_router)

@@ -14,3 +14,15 @@ class PredictResponse(BaseModel):
     predictions: list[int]
     labels: list[str]
     probabilities: list[list[float]]
+
+
+class AliasRequest(BaseModel):
+    alias: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$",
+        description="The name to serve the student by (Open Inference Protocol model name).",
+    )
+
+
+class AliasResponse(BaseModel):
+    job_id: str
+    alias: str | None

@@ -1,14 +1,35 @@
+"""Finding a served student (by job id or alias, and version) and checking its inputs."""
+
+import re
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import InvalidInput, JobNotReady, NotFound
+from app.db import session_scope
+from app.dependencies import db_slot
+from app.errors import Conflict, InvalidInput, JobNotReady, NotFound
 from app.jobs.service import get_job
-from app.ml.predictor import Predictor, load_predictor
-from app.models import Artifact, ArtifactFormat, JobStatus
-from app.storage import ArtifactStore
+from app.ml.artifacts import Manifest, read_manifest
+from app.ml.signature import ModelSignature
+from app.models import Artifact, ArtifactFormat, Job, JobStatus
+from app.storage import ArtifactStore, get_store
+
+# Open Inference Protocol versions of a student, and the artifact each one serves.
+DEFAULT_VERSION = "1"
+VERSIONS = {DEFAULT_VERSION: ArtifactFormat.ONNX, "int8": ArtifactFormat.ONNX_INT8}
+ALIAS_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# A name is looked up in the database at most this often per process (a serving process that
+# did not change an alias sees the change this late); aliases changed here are seen at once.
+RESOLVE_TTL_S = 1.0
 
 
 def get_artifact(session: Session, job_id: str, artifact_format: ArtifactFormat) -> Artifact:
@@ -26,14 +47,147 @@ def get_artifact(session: Session, job_id: str, artifact_format: ArtifactFormat)
     return artifact
 
 
-def get_predictor(session: Session, *, store: ArtifactStore, job_id: str) -> Predictor:
-    manifest = get_artifact(session, job_id, ArtifactFormat.MANIFEST)
-    return load_predictor(Path(store.path(manifest.storage_key)).parent)
+@dataclass(frozen=True)
+class ServedModel:
+    """A succeeded job's student as served: ``paths`` maps each version it has to its ONNX
+    file."""
+
+    job_id: str
+    alias: str | None
+    manifest: Manifest
+    paths: dict[str, Path]
+
+    @property
+    def signature(self) -> ModelSignature:
+        return self.manifest.signature
+
+    @property
+    def versions(self) -> list[str]:
+        return list(self.paths)
+
+    def key(self, version: str) -> tuple[str, str]:
+        return (self.job_id, version)
 
 
-def parse_inputs(inputs: list[object], predictor: Predictor, max_batch: int) -> np.ndarray:
+class ModelNotFound(NotFound):
+    """No servable student is named so (the Open Inference Protocol's 404)."""
+
+
+class NoSuchJob(ModelNotFound):
+    """No job has the name as its id or alias."""
+
+
+_manifests: dict[Path, Manifest] = {}
+_resolved: dict[str, tuple[float, ServedModel]] = {}
+_resolved_lock = threading.Lock()
+
+
+def _manifest(path: Path) -> Manifest:
+    manifest = _manifests.get(path)
+    if manifest is None:
+        manifest = _manifests[path] = read_manifest(path.parent)
+    return manifest
+
+
+def find_served_model(session: Session, store: ArtifactStore, name: str) -> ServedModel:
+    """The student named ``name`` (a job id, else an alias). A job that exists but has not
+    succeeded raises ``JobNotReady``; no job, ``ModelNotFound``."""
+    job = session.get(Job, name) if _UUID.match(name) else None
+    if job is None:
+        job = session.scalar(select(Job).where(Job.alias == name))
+    if job is None:
+        raise NoSuchJob(f"Unknown model: no job has the id or alias '{name}'.")
+    if job.status != JobStatus.SUCCEEDED:
+        raise JobNotReady(
+            f"Job {job.id} is {job.status}; its student is served once it has succeeded.",
+            job_status=job.status,
+        )
+    artifacts = {
+        a.format: store.path(a.storage_key)
+        for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id))
+    }
+    if ArtifactFormat.MANIFEST not in artifacts or ArtifactFormat.ONNX not in artifacts:
+        raise ModelNotFound(f"Job {job.id} has no ONNX student to serve.")
+    paths = {v: Path(artifacts[f]) for v, f in VERSIONS.items() if f in artifacts}
+    manifest = _manifest(Path(artifacts[ArtifactFormat.MANIFEST]))
+    return ServedModel(job.id, job.alias, manifest, paths)
+
+
+def _lookup(name: str) -> ServedModel:
+    with session_scope() as session:
+        return find_served_model(session, get_store(), name)
+
+
+async def resolve(name: str) -> ServedModel:
+    """``find_served_model`` from the event loop, cached for ``RESOLVE_TTL_S``; the database is
+    read on a worker thread, holding one of the API's database slots."""
+    now = time.monotonic()
+    hit = _resolved.get(name)
+    if hit is not None and now - hit[0] < RESOLVE_TTL_S:
+        return hit[1]
+    async with asynccontextmanager(db_slot)():
+        model = await anyio.to_thread.run_sync(_lookup, name)
+    with _resolved_lock:
+        _resolved[name] = (now, model)
+    return model
+
+
+def forget(*names: str | None) -> None:
+    """Drop cached look-ups of these names (an alias changed)."""
+    with _resolved_lock:
+        for name in names:
+            if name is not None:
+                _resolved.pop(name, None)
+
+
+def model_path(model: ServedModel, version: str) -> Path:
+    """The ONNX file serving ``version``; ``ModelNotFound`` for a version the job lacks."""
+    path = model.paths.get(version)
+    if path is None:
+        raise ModelNotFound(
+            f"Model '{model.job_id}' has no version '{version}'; it has {model.versions}."
+        )
+    return path
+
+
+def set_alias(session: Session, job_id: str, alias: str) -> Job:
+    """Name a succeeded job's student ``alias``; 409 if another job has it."""
+    job = get_job(session, job_id)
+    if job.status != JobStatus.SUCCEEDED:
+        raise JobNotReady(
+            f"Job {job_id} is {job.status}; only a succeeded job's student can have an alias.",
+            job_status=job.status,
+        )
+    if _UUID.match(alias):
+        raise InvalidInput("An alias cannot be shaped like a job id.", field="alias")
+    holder = session.scalar(select(Job).where(Job.alias == alias))
+    if holder is not None and holder.id != job_id:
+        raise Conflict(
+            f"The alias '{alias}' is taken by job {holder.id}.",
+            code="alias_taken",
+            field="alias",
+        )
+    previous, job.alias = job.alias, alias
+    try:
+        session.flush()
+    except IntegrityError as e:  # another request took it meanwhile
+        raise Conflict(
+            f"The alias '{alias}' is taken by another job.", code="alias_taken", field="alias"
+        ) from e
+    forget(previous, alias, job_id)
+    return job
+
+
+def clear_alias(session: Session, job_id: str) -> Job:
+    job = get_job(session, job_id)
+    forget(job.alias, job_id)
+    job.alias = None
+    return job
+
+
+def parse_inputs(inputs: list[object], signature: ModelSignature, max_batch: int) -> np.ndarray:
     """The JSON batch as float32, checked against the student's input signature."""
-    expected = predictor.manifest.input_shape
+    expected = list(signature.input_shape)
     if len(inputs) > max_batch:
         raise InvalidInput(
             f"At most {max_batch} samples per request; got {len(inputs)}.", field="inputs"
