@@ -1,4 +1,6 @@
-"""Serving a student: rebuilt from its manifest and safetensors weights, loaded once per process."""
+"""A student rebuilt in torch from its manifest and safetensors weights: the reference that checks
+an artifact (tests, recipes). Serving runs the ONNX student on onnxruntime instead
+(``app/serving/engine.py``)."""
 
 from dataclasses import dataclass
 from functools import lru_cache
