@@ -127,14 +127,15 @@ def allowed_methods(app: FastAPI, path: str) -> str:
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """The framework's own errors (404, 405, 413...), keeping the headers it set."""
     assert isinstance(exc, HTTPException)
-    if v2 := protocol_error_for(request, exc.status_code, str(exc.detail)):
-        return v2
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         allow = allowed_methods(request.app, request.url.path)
         if allow:
             headers["Allow"] = allow
+    if v2 := protocol_error_for(request, exc.status_code, str(exc.detail)):
+        v2.headers.update(headers)
+        return v2
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     return JSONResponse(
         problem(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)),
         status_code=exc.status_code,
@@ -159,7 +160,29 @@ def document_problems(schema: dict[str, Any]) -> None:
     schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
         Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     )
+    schema["components"]["schemas"]["ProtocolError"] = {
+        "type": "object",
+        "properties": {"error": {"type": "string"}},
+        "required": ["error"],
+        "description": "An Open Inference Protocol error.",
+    }
+    protocol_error = {
+        "description": "The protocol's error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ProtocolError"}}},
+    }
     for path, operations in schema["paths"].items():
+        if path.startswith("/v2"):
+            # The Open Inference Protocol's own errors: 400 for any bad request, 404 for an
+            # unknown model or version, 503 for a server not ready.
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for status in [s for s in responses if s.startswith("4")]:
+                    responses.pop(status)
+                errors = ["400", *(["404"] if "{" in path else [])]
+                errors += ["503"] if path.endswith("/ready") else []
+                responses.update({status: protocol_error for status in errors})
+                operation["responses"] = dict(sorted(responses.items()))
+            continue
         for operation in operations.values():
             statuses = [422, *([404] if "{" in path else [])]
             statuses += [400, 413] if "requestBody" in operation else []

@@ -17,6 +17,10 @@ ALLOWED_ARRAYS = {"x", "y", "x_test", "y_test"}
 MAX_CLASSES = 100_000
 # Enough for a training, a validation and a held-out test sample.
 MIN_SAMPLES = 3
+UNREADABLE_ZIP = (
+    "The archive's entries are encrypted or use a compression numpy cannot read: save it with "
+    "`np.savez` or `np.savez_compressed`."
+)
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0
 # Elements per block of the finiteness check: its temporary is at most this many bytes.
@@ -177,6 +181,8 @@ def _check_archive(path: Path, max_bytes: int) -> dict[str, _Header]:
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
                 headers[entry.filename.removesuffix(".npy")] = _Header(tuple(shape), dtype)
+    except (RuntimeError, NotImplementedError) as e:  # encrypted, or an unknown compression
+        raise InvalidDataset(UNREADABLE_ZIP) from e
     except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as e:
         raise InvalidDataset(f"The file is not a readable .npz archive: {e}") from e
     decoded = sum(h.memory_bytes + _cast_bytes(n, h) for n, h in headers.items())
@@ -299,7 +305,7 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
             y = y_test = x_test = None
             if "y" in headers:
                 y = _labels(npz["y"], "y")
-                if y.min() == y.max():
+                if len(y) and y.min() == y.max():  # (no samples: refused just below)
                     raise InvalidDataset(
                         f"`y` holds one class only (every label is {y[0]}): distilling needs "
                         "at least two classes.",
@@ -312,6 +318,8 @@ def read_dataset_npz(path: Path, max_bytes: int = 1 << 34) -> NpzDataset:
                 raise InvalidDataset(f"`x` needs at least {MIN_SAMPLES} samples.", field="x")
             if "x_test" in headers:
                 x_test = _inputs(npz["x_test"], "x_test")
+    except (RuntimeError, NotImplementedError) as e:
+        raise InvalidDataset(UNREADABLE_ZIP) from e
     except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise InvalidDataset(f"The archive is corrupt: {e}") from e
     return NpzDataset(x, y, x_test, y_test, x_dtype=x_header.dtype.name)

@@ -62,7 +62,20 @@ def get_metrics(session: SessionDep, job_id: str) -> MetricList:
     responses={
         200: {
             "description": "The job's server-sent events, until it ends.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # Under OpenAPI 3.1 a stream's schema describes each event.
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "id": {"type": "string"},
+                            "event": {"type": "string"},
+                            "data": {"type": "string"},
+                            "retry": {"type": "integer"},
+                        },
+                    }
+                }
+            },
         },
         204: {"description": "The `Last-Event-ID` is the `end` event's: nothing follows."},
     },

@@ -359,7 +359,17 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     return Response(json.dumps(response), media_type="application/json")
 
 
-_INFER = {"max_body_size": 64 * MIB, "summary": "Inference"}
+_INFER = {
+    "max_body_size": 64 * MIB,
+    "summary": "Inference",
+    # The body is parsed by hand (the protocol's errors, not FastAPI's); documented here.
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": InferenceRequest.model_json_schema()}},
+        }
+    },
+}
 
 
 @router.post("/models/{name}/infer", **_INFER)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ def _json_field(adapter: TypeAdapter[object], text: str | None, field: str) -> o
         return None
     try:
         return adapter.validate_python(json.loads(text))
-    except (ValueError, ValidationError) as e:
+    except (ValueError, ValidationError, RecursionError) as e:  # RecursionError: deep nesting
         errors = e.errors(include_url=False) if isinstance(e, ValidationError) else None
         raise InvalidInput(
             f"`{field}` is not valid JSON of the expected form"

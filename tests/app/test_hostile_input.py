@@ -293,9 +293,16 @@ def test_openapi_documents_the_problems_each_operation_gives(client: TestClient)
     )
     assert "HTTPValidationError" not in document["components"]["schemas"]
     documented: dict[tuple[str, str], set[int]] = {}
+    protocol_error = {"schema": {"$ref": "#/components/schemas/ProtocolError"}}
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             errors = {int(s): r for s, r in operation["responses"].items() if s.startswith("4")}
+            if path.startswith("/v2"):  # the Open Inference Protocol's own error shape
+                assert all(
+                    r["content"] == {"application/json": protocol_error} for r in errors.values()
+                )
+                assert 400 in errors and ("{" in path) == (404 in errors), (method, path)
+                continue
             for status, response in errors.items():
                 assert response["content"] == {PROBLEM_JSON: problem}, (method, path, status)
             assert 422 in errors, (method, path)
