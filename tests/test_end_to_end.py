@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from app.cli import worker_command
 from app.datasets.loading import load_builtin
+from app.storage import get_store, keys
 from tests.helpers.api import job_body, npz_bytes, upload_safetensors_teacher, upload_teacher
 from tests.helpers.stacks import REDIS_URL, Stack
 from tests.helpers.teachers import TeacherFiles
@@ -79,6 +80,8 @@ def is_terminal(job: dict[str, object]) -> bool:
 def test_job_runs_end_to_end(
     client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
 ) -> None:
+    # Earlier tests on this stack may have cached this teacher's outputs: start without them.
+    get_store().delete_tree(keys.TEACHER_CACHE)
     start_worker()
     teacher = upload_teacher(client, digits_teacher)
     body = job_body(teacher["id"], training={"epochs": 6, "batch_size": 32, "learning_rate": 0.01})
@@ -367,3 +370,23 @@ def test_workers_stopped_mid_job_and_started_again(
     job = wait_for(client, job_id, is_terminal, timeout=180)
     assert job["status"] == "succeeded", job["error"]
     assert 3 <= job["result"]["resumed_from_epoch"] <= epoch_at_stop + 1
+
+
+def test_the_api_restarted_mid_job_loses_nothing(
+    client: TestClient, digits_teacher: TeacherFiles, start_worker: StartWorker
+) -> None:
+    """The API holds no job state: an API process stopped mid-job and a new one started see the
+    job run on to success, once."""
+    from app.main import create_app
+
+    start_worker(beat=True)
+    teacher = upload_teacher(client, digits_teacher)
+    body = job_body(teacher["id"], training={"epochs": 20, "batch_size": 16})
+    with TestClient(create_app()) as first_api:
+        job_id = first_api.post("/v1/jobs", json=body).json()["id"]
+        wait_for(first_api, job_id, lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 2)
+    with TestClient(create_app()) as second_api:
+        job = wait_for(second_api, job_id, is_terminal, timeout=180)
+    assert (job["status"], job["attempt"]) == ("succeeded", 1), job["error"]
+    epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]]
+    assert epochs == list(range(1, 21))

@@ -170,9 +170,10 @@ def _build_schema(seeded: Seeded) -> BaseSchema:
                 parameters[name] = choices[pick % len(choices)]
             case.path_parameters = parameters
         rows = np.random.default_rng(pick).normal(scale=3.0, size=(1 + pick % 4, INPUT_SIZE))
-        if case.path.endswith("/infer") and case.method.upper() == "POST" and pick % 3:
-            # The document declares no body for it: a tensor shaped like the student's input,
-            # mostly of a datatype the protocol has.
+        infer = case.path.endswith("/infer") and case.method.upper() == "POST"
+        if infer and pick % 3 and not meta.is_negative_at(ParameterLocation.BODY):
+            # A tensor shaped like the student's input, mostly of a datatype the protocol has
+            # (the documented body is the protocol's, which knows no student).
             datatype = INFER_DATATYPES[pick % len(INFER_DATATYPES)]
             shape = [len(rows), INPUT_SIZE + (pick % 7 == 0)]
             data: list[Any] = rows.reshape(-1).tolist()

@@ -187,13 +187,28 @@ class Api:
     errors: ServerErrors
 
 
+# The stated bound on the API's memory for any upload here (each under 2 MB): the growth of its
+# peak resident set while answering it. Graph trials run in their own, limited process.
+UPLOAD_MEMORY_BOUND = 256 * 1024 * 1024
+
+
+def _status_bytes(key: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1]) * 1024
+
+
 def assert_answered(api: Api, upload: Upload | RawUpload) -> None:
-    """Send ``upload``; a 201 adds one row, a refusal is a 4xx problem+json and adds nothing."""
+    """Send ``upload``; a 201 adds one row, a refusal is a 4xx problem+json and adds nothing; the
+    API's peak memory grows by less than ``UPLOAD_MEMORY_BOUND`` either way."""
     rows, kept = _rows(upload.route), _kept()
     api.errors.records.clear()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) := the current RSS
+    rss_before = _status_bytes("VmRSS")
     response = upload.send(api.client)
+    growth = _status_bytes("VmHWM") - rss_before
     status, text = response.status_code, response.text[:600]
     context = f"{upload!r}\n-> {status} {response.headers.get('content-type')}: {text}"
+    assert growth < UPLOAD_MEMORY_BOUND, f"the API's memory grew by {growth} bytes:\n{context}"
     assert status < 500, f"server error on an upload:\n{context}\n{api.errors.explain()}"
     assert _staged() == [], f"left in staging: {_staged()}\n{context}"
     if 200 <= status < 300:
