@@ -216,13 +216,19 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(refuse_unstorable_text)],
     )
+    for router in (teachers_router, datasets_router, jobs_router, serving_router):
+        app.include_router(router)
+    app.include_router(v2_router)
+    return add_common_parts(app)
+
+
+def add_common_parts(app: FastAPI) -> FastAPI:
+    """What every Distill app has (the API, and ``distill serve``'s): the error handlers, the
+    health routes, and an OpenAPI document listing the problems each operation gives."""
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
-    for router in (teachers_router, datasets_router, jobs_router, serving_router):
-        app.include_router(router)
-    app.include_router(v2_router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -235,8 +241,9 @@ def create_app() -> FastAPI:
         try:
             with get_engine().connect() as connection:
                 connection.execute(text("SELECT 1"))
-        except Exception as e:
-            return problem_response(503, "not_ready", f"database unreachable: {e}")
+        except Exception:
+            log.exception("readyz.database_unreachable")
+            return problem_response(503, "not_ready", "The database does not answer.")
         return JSONResponse({"status": "ready"})
 
     def openapi() -> dict[str, Any]:

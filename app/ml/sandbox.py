@@ -143,6 +143,8 @@ def _child(connection: Connection, payload: bytes, memory_bytes: int, parent_pid
     _die_with_parent(parent_pid)
     os.setpgid(0, 0)
     try:
+        # The parent's own payload (a function of ours and its plain arguments, pickled by
+        # run_isolated): nothing a user uploaded is ever unpickled, here or in the parent.
         fn, args = pickle.loads(payload)
         message = _message("ok", fn(*args))
     except BaseException as e:  # the function failed, or its result is not plain or too large

@@ -2,18 +2,16 @@
 fail with a 5xx (on SQLite, a writer whose commit waited for a thread that the waiting readers
 held used to freeze everything for 30 s, then answer 500 `database is locked`)."""
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from tests.helpers.api import job_body, upload_teacher
+from tests.helpers.servers import serving
 from tests.helpers.teachers import TeacherFiles
 
 SUBMISSIONS, POLLERS = 50, 10
@@ -24,21 +22,8 @@ def server_url(client: TestClient) -> Iterator[str]:
     """The app served by uvicorn in a thread (the `client` fixture migrates and cleans up)."""
     from app.main import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
+    with serving(create_app()) as address:
+        yield f"http://{address}"
 
 
 def test_a_burst_of_submissions_and_polls_gets_no_5xx(

@@ -6,7 +6,6 @@ real SSE client (``httpx-sse``) from uvicorn in a thread, live, resumed and repl
 """
 
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from httpx_sse import ServerSentEvent, connect_sse
 from sqlalchemy import update
@@ -34,6 +32,7 @@ from app.jobs.events import (
 )
 from app.models import Job, JobPhase, JobStatus
 from tests.helpers.api import job_body, upload_teacher
+from tests.helpers.servers import serving
 from tests.helpers.teachers import TeacherFiles
 from worker.attempt import Attempt
 from worker.pipeline import run_job
@@ -208,21 +207,8 @@ def server_url(client: TestClient) -> Iterator[str]:
     """The app served by uvicorn in a thread (the `client` fixture migrates and cleans up)."""
     from app.main import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=20)
+    with serving(create_app()) as address:
+        yield f"http://{address}"
 
 
 def read_stream(

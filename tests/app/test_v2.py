@@ -2,9 +2,7 @@
 with Triton's own client (``tritonclient[http]``) on a uvicorn server, on both stacks; the
 engine's micro-batching and its memory-bounded least-recently-used set."""
 
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,7 +11,6 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-import uvicorn
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
@@ -23,6 +20,7 @@ from app.serving.engine import ServingEngine, estimate_bytes, get_serving_engine
 from app.serving.service import find_served_model
 from app.storage import get_store
 from tests.helpers.api import job_body, upload_teacher
+from tests.helpers.servers import serving
 from tests.helpers.teachers import TeacherFiles
 from worker.pipeline import run_job
 
@@ -44,21 +42,8 @@ def served(client: TestClient, digits_teacher: TeacherFiles) -> Iterator[Served]
     run_job(job_id)
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield Served(job_id, f"127.0.0.1:{port}", job["result"]["student_accuracy"])
-    server.should_exit = True
-    thread.join(timeout=20)
+    with serving(create_app()) as address:
+        yield Served(job_id, address, job["result"]["student_accuracy"])
 
 
 def fp32_input(x: np.ndarray, name: str = "input") -> triton.InferInput:
