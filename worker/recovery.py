@@ -7,8 +7,8 @@ from sqlalchemy import select
 
 from app.config import get_settings
 from app.db import session_scope
-from app.jobs.repository import transition
-from app.models import Job, JobPhase, JobStatus, utcnow
+from app.jobs.repository import requeue_or_end, transition
+from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_after_commit
 
 log = logging.getLogger(__name__)
@@ -47,45 +47,22 @@ def recover_stale_jobs() -> list[str]:
     requeued = []
     with session_scope() as session:
         stale = session.execute(
-            select(Job.id, Job.status, Job.attempt).where(
+            select(Job.id, Job.attempt).where(
                 Job.status.in_([JobStatus.RUNNING, JobStatus.CANCELLING]), Job.heartbeat_at < cutoff
             )
         ).all()
-        for job_id, stored_status, attempt in stale:
-            status = JobStatus(stored_status)
-            if status == JobStatus.CANCELLING:
-                transition(
-                    session,
-                    job_id,
-                    [status],
-                    Job.heartbeat_at < cutoff,
-                    status=JobStatus.CANCELLED,
-                    phase=JobPhase.DONE,
-                    finished_at=utcnow(),
-                )
-            elif attempt >= settings.job_max_attempts:
-                transition(
-                    session,
-                    job_id,
-                    [status],
-                    Job.heartbeat_at < cutoff,
-                    status=JobStatus.FAILED,
-                    phase=JobPhase.DONE,
-                    finished_at=utcnow(),
-                    error={
-                        "code": "worker_lost",
-                        "detail": f"The worker running this job was lost {attempt} times.",
-                    },
-                )
-            elif transition(
+        for job_id, attempt in stale:
+            error = {
+                "code": "worker_lost",
+                "detail": f"The worker running this job was lost {attempt} times.",
+            }
+            if requeue_or_end(
                 session,
                 job_id,
-                [status],
+                attempt,
+                settings.job_max_attempts,
                 Job.heartbeat_at < cutoff,
-                status=JobStatus.QUEUED,
-                phase=JobPhase.QUEUED,
-                progress=0.0,
-                enqueued_at=utcnow(),
+                error,
             ):
                 enqueue_after_commit(session, job_id)
                 requeued.append(job_id)

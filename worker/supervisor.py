@@ -18,12 +18,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, true
 
 from app.config import Settings, get_settings
 from app.db import session_scope
-from app.jobs.repository import transition
-from app.models import Job, JobPhase, JobStatus, utcnow
+from app.jobs.repository import requeue_or_end
+from app.models import Job, JobStatus
 from app.queue import enqueue_after_commit
 from worker.pipeline import claim, finish
 
@@ -122,41 +122,11 @@ def requeue_dead(job_id: str, attempt: int, returncode: int, settings: Settings)
     its checkpoint), cancel it if that was asked, or fail it past the attempt cap."""
     how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
     log.warning("job.process_died", extra={"job_id": job_id, "attempt": attempt, "how": how})
-    fenced = (Job.attempt == attempt,)
+    error = {
+        "code": "job_process_died",
+        "detail": f"The job's process died ({how}) on each of its {attempt} attempts (out of "
+        "memory?).",
+    }
     with session_scope() as session:
-        if transition(
-            session,
-            job_id,
-            [JobStatus.CANCELLING],
-            *fenced,
-            status=JobStatus.CANCELLED,
-            phase=JobPhase.DONE,
-            finished_at=utcnow(),
-        ):
-            return
-        if attempt >= settings.job_max_attempts:
-            transition(
-                session,
-                job_id,
-                [JobStatus.RUNNING],
-                *fenced,
-                status=JobStatus.FAILED,
-                phase=JobPhase.DONE,
-                finished_at=utcnow(),
-                error={
-                    "code": "job_process_died",
-                    "detail": f"The job's process died ({how}) on each of its {attempt} "
-                    "attempts (out of memory?).",
-                },
-            )
-        elif transition(
-            session,
-            job_id,
-            [JobStatus.RUNNING],
-            *fenced,
-            status=JobStatus.QUEUED,
-            phase=JobPhase.QUEUED,
-            progress=0.0,
-            enqueued_at=utcnow(),
-        ):
+        if requeue_or_end(session, job_id, attempt, settings.job_max_attempts, true(), error):
             enqueue_after_commit(session, job_id)

@@ -64,6 +64,48 @@ def transition(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def requeue_or_end(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    max_attempts: int,
+    guard: ColumnElement[bool],
+    error: dict[str, Any],
+) -> bool:
+    """An attempt that ended without writing its end (its process or worker died): a cancel it
+    was asked for is done; past ``max_attempts`` the job fails with ``error``; else it is queued
+    again, to resume from its checkpoint. Each change is a compare-and-set on the attempt and
+    ``guard``, so two recoverers never both act. True if it was queued again: the caller sends
+    it (``enqueue_after_commit``)."""
+    fenced = (Job.attempt == attempt, guard)
+    ended = {"phase": JobPhase.DONE, "finished_at": utcnow()}
+    if transition(
+        session, job_id, [JobStatus.CANCELLING], *fenced, status=JobStatus.CANCELLED, **ended
+    ):
+        return False
+    if attempt >= max_attempts:
+        transition(
+            session,
+            job_id,
+            [JobStatus.RUNNING],
+            *fenced,
+            status=JobStatus.FAILED,
+            error=error,
+            **ended,
+        )
+        return False
+    return transition(
+        session,
+        job_id,
+        [JobStatus.RUNNING],
+        *fenced,
+        status=JobStatus.QUEUED,
+        phase=JobPhase.QUEUED,
+        progress=0.0,
+        enqueued_at=utcnow(),
+    )
+
+
 def request_cancel(session: Session, job_id: str) -> bool:
     """A queued job is cancelled at once; a running one is asked to stop at its next check.
     False when the job has already finished."""
