@@ -50,9 +50,9 @@ def _settle(teacher: Teacher, num_classes: int) -> None:
         teacher.scores_choice = choice.model_dump(mode="json")
 
 
-def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
+def validate_spec(session: Session, spec: DistillationSpec) -> tuple[list[Teacher], DatasetSummary]:
     """Everything that can be checked before queueing, so a mistake is a 422, not a failed job;
-    returns the job's teachers, in order.
+    returns the job's teachers, in order, and its dataset.
 
     Defaults that depend on the models (a feature method's layers) are filled into ``spec``.
     """
@@ -113,7 +113,7 @@ def validate_spec(session: Session, spec: DistillationSpec) -> list[Teacher]:
             dataset,
             get_settings().max_teacher_feature_bytes,
         )
-    return teachers
+    return teachers, dataset
 
 
 def submission_preflight(
@@ -158,8 +158,8 @@ def create_job(session: Session, spec: DistillationSpec) -> Job:
     the job is committed (its deletion then sees the job: a 409)."""
     teacher_ids = [teacher_id for teacher_id, _ in spec.teacher_weights]
     lock_teachers(session, teacher_ids, exclusive=False)
-    teachers = validate_spec(session, spec)
-    report = submission_preflight(session, teachers, resolve_dataset(session, spec.dataset))
+    teachers, dataset = validate_spec(session, spec)
+    report = submission_preflight(session, teachers, dataset)
     job = repository.add_job(
         session,
         spec=spec.model_dump(mode="json", exclude_none=True),
