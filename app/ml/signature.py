@@ -94,11 +94,15 @@ class ImagePreprocessing(_Frozen):
 
 
 class TextPreprocessing(_Frozen):
-    """Text records tokenised into ``input_ids`` (and masks) of at most ``max_length``."""
+    """Text records tokenised into ``input_ids`` (and masks) of at most ``max_length`` tokens,
+    special tokens included, padded with ``pad_token_id`` (``app.ml.text``)."""
 
     kind: Literal["text"] = "text"
-    tokenizer: str = Field(description="The tokenizer file stored with the teacher.")
-    max_length: int = Field(default=128, ge=1, le=8192)
+    tokenizer: str = Field(
+        default="tokenizer.json", description="The tokenizer file stored with the model."
+    )
+    max_length: int = Field(default=128, ge=2, le=8192)
+    pad_token_id: int = Field(default=0, ge=0)
 
 
 class ColumnEncoder(_Frozen):
@@ -218,13 +222,19 @@ def check_compatible(model: ModelSignature, data: ModelSignature, *, field: str)
         raise SignatureMismatch(
             field, f"the teacher's task is {model.task}, the data's {data.task}"
         )
-    if len(model.inputs) != len(data.inputs):
+    if isinstance(model.preprocessing, TextPreprocessing) or isinstance(
+        data.preprocessing, TextPreprocessing
+    ):
+        _check_text(model, data, field)
+    elif len(model.inputs) != len(data.inputs):
         raise SignatureMismatch(
             field,
             f"The teacher takes {len(model.inputs)} input(s) ({model.describe_inputs()}); the "
             f"data gives {len(data.inputs)} ({data.describe_inputs()}).",
         )
-    for expected, given in zip(model.inputs, data.inputs, strict=True):
+    for expected, given in zip(model.inputs, data.inputs, strict=False):
+        if isinstance(model.preprocessing, TextPreprocessing):
+            break  # texts are tokenised with the model's tokenizer
         fixed_equal = len(expected.shape) == len(given.shape) and all(
             isinstance(e, str) or e == g for e, g in zip(expected.shape, given.shape, strict=True)
         )
@@ -240,4 +250,22 @@ def check_compatible(model: ModelSignature, data: ModelSignature, *, field: str)
             field,
             f"The dataset has {data.num_classes} classes but the teacher outputs only "
             f"{model.num_classes} logits.",
+        )
+
+
+def _check_text(model: ModelSignature, data: ModelSignature, field: str) -> None:
+    """A text model takes a text dataset's records (one string, or two for pairs), tokenised
+    with its tokenizer; a text dataset feeds only a text model."""
+    texts = [t for t in data.inputs if t.datatype == Datatype.BYTES]
+    if not isinstance(model.preprocessing, TextPreprocessing):
+        raise SignatureMismatch(
+            field,
+            f"The dataset holds text but the teacher takes {model.describe_inputs()}: distil text "
+            "from a text teacher (a Hugging Face model, or an ONNX graph with its tokenizer).",
+        )
+    if not texts or len(texts) != len(data.inputs) or len(texts) > 2:
+        raise SignatureMismatch(
+            field,
+            f"The teacher takes tokenised text; the dataset gives {data.describe_inputs()}. "
+            "Upload a text dataset (CSV, TSV, JSONL or Parquet with a text column).",
         )
