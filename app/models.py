@@ -75,6 +75,7 @@ class ArtifactFormat(StrEnum):
     SAFETENSORS = "safetensors"
     ONNX = "onnx"
     ONNX_INT8 = "onnx_int8"  # the student quantised to int8 (onnxruntime), served as version int8
+    TOKENIZER = "tokenizer"  # a text student's tokenizer.json (its teacher's)
 
 
 class Teacher(Base):

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -37,6 +37,7 @@ class keys:
     """Every storage key Distill uses, built in this one place."""
 
     TEACHER_CACHE = "cache/teacher-outputs"
+    TOKEN_CACHE = "cache/tokens"  # text datasets tokenised by a teacher's tokenizer
 
     @staticmethod
     def teacher_dir(teacher_id: str) -> str:
@@ -51,8 +52,9 @@ class keys:
         return f"datasets/{dataset_id}"
 
     @staticmethod
-    def dataset(dataset_id: str) -> str:
-        return f"{keys.dataset_dir(dataset_id)}/data.npz"
+    def dataset(dataset_id: str, stored_format: Literal["npz", "parquet"] = "npz") -> str:
+        """An uploaded dataset as stored: ``.npz`` arrays, or text records as Parquet."""
+        return f"{keys.dataset_dir(dataset_id)}/data.{stored_format}"
 
     @staticmethod
     def checkpoints(job_id: str) -> str:

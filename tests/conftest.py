@@ -6,6 +6,7 @@ Two stacks run the same tests: ``embedded`` (SQLite file + filesystem Celery bro
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -18,6 +19,10 @@ from app.ml.students import CnnSpec, MlpSpec
 from app.models import Base
 from tests.helpers.stacks import POSTGRES_URL, REDIS_URL, Stack, admin_dsn, clear_caches
 from tests.helpers.teachers import TeacherFiles, train_digits_teacher
+from tests.helpers.text_teachers import synthetic_sentiment, tiny_bert_dir, zip_dir
+
+# Fixtures defined with their helpers: `start_worker` (real Celery worker processes).
+pytest_plugins = ["tests.helpers.workers"]
 
 
 @pytest.fixture(scope="session", params=["embedded", "server"])
@@ -74,3 +79,20 @@ def digits_cnn_teacher(tmp_path_factory: pytest.TempPathFactory) -> TeacherFiles
     return train_digits_teacher(
         CnnSpec(channels=[16], hidden_sizes=[32]), tmp_path_factory.mktemp("cnn"), "3"
     )
+
+
+@pytest.fixture(scope="session")
+def text_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT sentiment classifier (labels `negative`, `positive`) trained on
+    ``synthetic_sentiment(512, 0)``, as ``save_pretrained`` writes it, with its tokenizer."""
+    return tiny_bert_dir(
+        tmp_path_factory.mktemp("text-teacher") / "model",
+        id2label={0: "negative", 1: "positive"},
+        train_on=synthetic_sentiment(512, 0),
+    )
+
+
+@pytest.fixture(scope="session")
+def text_teacher_zip(text_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``text_teacher_dir`` zipped, as a Hugging Face teacher is uploaded."""
+    return zip_dir(text_teacher_dir, tmp_path_factory.mktemp("text-teacher-zip") / "teacher.zip")

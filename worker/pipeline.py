@@ -13,6 +13,7 @@ from sqlalchemy import select
 from app.config import Settings, get_settings
 from app.datasets.arrays import DatasetArrays
 from app.datasets.loading import load_builtin, load_uploaded
+from app.datasets.text import TextRecords
 from app.db import session_scope
 from app.errors import AppError
 from app.jobs import repository
@@ -50,7 +51,7 @@ def choose_device(settings: Settings) -> torch.device:
     return torch.device(settings.device)
 
 
-def load_dataset(ref: str) -> DatasetArrays:
+def load_dataset(ref: str) -> DatasetArrays | TextRecords:
     if ref.startswith("builtin:"):
         return load_builtin(ref)
     with session_scope() as session:
@@ -145,6 +146,7 @@ def _run_attempt(
             artifact_dir=store.path(keys.artifact(job_id, attempt)),
             cache_dir=store.path(keys.TEACHER_CACHE),
             cache_max_bytes=settings.teacher_cache_max_bytes,
+            token_cache_dir=store.path(keys.TOKEN_CACHE),
             checkpoint=store.path(keys.checkpoint(job_id)),
             started=started,
             preflight=preflight,

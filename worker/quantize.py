@@ -30,12 +30,19 @@ from onnxruntime.quantization import (
 
 from app.ml.onnx_io import onnx_input, onnx_latency_ms
 from app.ml.signature import ModelSignature
+from app.ml.teacher_formats.base import ModelInputs
+from app.ml.text import TokenizedInputs, is_text
 
 QuantMethod = Literal["dynamic", "static"]
 
 # By student family (``app.ml.students.family_of(spec).name``); a family missing here is not
 # quantised (the job says so in its warnings).
-METHODS: dict[str, QuantMethod] = {"mlp": "dynamic", "cnn": "static"}
+METHODS: dict[str, QuantMethod] = {
+    "mlp": "dynamic",
+    "cnn": "static",
+    "transformer": "dynamic",
+    "text_cnn": "dynamic",
+}
 
 CALIBRATION_SAMPLES = 512  # at most; onnxruntime's examples calibrate on a few hundred
 CALIBRATION_BATCH = 32
@@ -126,7 +133,12 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_student(
-    float_path: Path, int8_path: Path, method: QuantMethod, calibration: np.ndarray
+    float_path: Path,
+    int8_path: Path,
+    method: QuantMethod,
+    calibration: ModelInputs,
+    *,
+    symbolic_shapes: bool = True,
 ) -> None:
     """Write ``float_path``'s graph quantised to int8 at ``int8_path``. ``calibration``
     (``[N, *input_shape]``, float32) sets the activation ranges of static quantisation; dynamic
@@ -134,16 +146,27 @@ def quantize_student(
 
     Weights are signed int8 per output channel (per-channel, as the guide suggests for accuracy);
     static activations are signed int8 in QDQ format (the guide's first choice, S8S8); dynamic
-    activations are uint8 (``DynamicQuantizeLinear`` always is).
+    activations are uint8 (``DynamicQuantizeLinear`` always is). ``symbolic_shapes=False``
+    skips the pre-processing's symbolic shape inference, which cannot follow a transformer's
+    attention through symbolic batch and sequence dimensions (the guide's advice for them).
     """
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(float_path), str(prepared))
+        source = float_path
+        if not symbolic_shapes:
+            # The exporter's recorded intermediate shapes can disagree with what onnx's own
+            # shape inference finds along symbolic dimensions: let it find them afresh.
+            model = onnx.load(str(float_path))
+            del model.graph.value_info[:]
+            source = Path(tmp) / "float.onnx"
+            onnx.save(model, str(source))
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=not symbolic_shapes)
         if method == "dynamic":
             # After the pre-processing, whose optimiser would fuse MatMul + Add back into Gemm.
             onnx.save(gemm_to_matmul(onnx.load(str(prepared))), str(prepared))
             quantize_dynamic(prepared, int8_path, per_channel=True, weight_type=QuantType.QInt8)
         else:
+            assert isinstance(calibration, np.ndarray)  # static: convnets on arrays
             input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
             quantize_static(
                 prepared,
@@ -156,10 +179,19 @@ def quantize_student(
             )
 
 
-def onnx_predictions(path: Path, x: np.ndarray) -> np.ndarray:
+def onnx_predictions(path: Path, x: ModelInputs) -> np.ndarray:
     """Class indices (argmax of the first output) of the ONNX graph at ``path`` for ``x``, with
-    onnxruntime on the CPU, ``PREDICT_BATCH`` samples at a time."""
+    onnxruntime on the CPU, ``PREDICT_BATCH`` samples at a time (text: records of similar
+    lengths together, each batch padded to its longest)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if isinstance(x, TokenizedInputs):
+        names = [node.name for node in session.get_inputs()]
+        order = np.argsort(x.lengths, kind="stable")
+        result = np.zeros(len(x), np.int64)
+        for i in range(0, len(x), PREDICT_BATCH):
+            rows = order[i : i + PREDICT_BATCH]
+            result[rows] = np.asarray(session.run(None, x[rows].feed(names))[0]).argmax(axis=1)
+        return result
     name, dtype, _ = onnx_input(session)
     predictions = [
         np.asarray(session.run(None, {name: x[i : i + PREDICT_BATCH].astype(dtype)})[0]).argmax(
@@ -175,8 +207,8 @@ def int8_student(
     int8_path: Path,
     family: str,
     signature: ModelSignature,
-    calibration: np.ndarray,
-    test_x: np.ndarray,
+    calibration: ModelInputs,
+    test_x: ModelInputs,
     test_labels: np.ndarray,
     float_latency_ms: float,
 ) -> Int8Figures:
@@ -187,7 +219,13 @@ def int8_student(
     Raises whatever quantisation raises; ``int8_path`` may then hold a partial file.
     """
     method = method_for(family)
-    quantize_student(float_path, int8_path, method, calibration[:CALIBRATION_SAMPLES])
+    quantize_student(
+        float_path,
+        int8_path,
+        method,
+        calibration[:CALIBRATION_SAMPLES],
+        symbolic_shapes=not is_text(signature),
+    )
     predicted = onnx_predictions(int8_path, test_x)
     reference = onnx_predictions(float_path, test_x)
     latency = onnx_latency_ms(int8_path, signature)

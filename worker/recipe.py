@@ -9,6 +9,7 @@ benchmark ignores them. Each phase's outputs are kept on the recipe for the next
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from math import isfinite
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 
 from app.datasets.arrays import DatasetArrays
+from app.datasets.text import TextRecords
 from app.errors import PreflightFailed
-from app.jobs.methods import FeatureMethod
+from app.jobs.methods import AttentionKL, FeatureMethod, TextFeatureMethod
 from app.jobs.preflight import (
     Finding,
     PreflightReport,
@@ -32,12 +34,21 @@ from app.jobs.preflight import (
 )
 from app.jobs.schemas import DistillationSpec, JobResult, TeacherScore
 from app.ml.artifacts import FILENAMES
-from app.ml.hooks import FeatureTap
-from app.ml.layers import feature_layers
+from app.ml.hooks import FeatureTap, TransformerTap, transformer_outputs
+from app.ml.layers import feature_layers, transformer_layers
 from app.ml.onnx_io import onnx_latency_ms
-from app.ml.signature import ModelSignature, SignatureMismatch, check_compatible
-from app.ml.students import build_student, family_of, parameter_count
+from app.ml.signature import ModelSignature, SignatureMismatch, TextPreprocessing, check_compatible
+from app.ml.students import (
+    architecture_of,
+    build_student,
+    family_of,
+    parameter_count,
+    student_signature,
+)
 from app.ml.teacher_formats import TeacherBackend
+from app.ml.teacher_formats.base import ModelInputs
+from app.ml.teacher_formats.huggingface import HuggingFaceTeacher
+from app.ml.text import LATENCY_TOKENS, TokenizedInputs, is_text
 from app.models import ArtifactFormat, JobPhase
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import accuracy, logit_metrics, per_class_accuracy
@@ -46,6 +57,8 @@ from worker.losses import build_loss
 from worker.quantize import int8_student
 from worker.teacher_cache import cache_key, cached_teacher_logits
 from worker.teachers import TeacherRecord, ensemble_logits
+from worker.text_data import cached_tokenize_records
+from worker.text_init import init_from_teacher
 from worker.training.loop import Batch, LoopOutcome, LoopState, predict_logits, train
 
 log = logging.getLogger(__name__)
@@ -124,13 +137,14 @@ class RecipeInputs:
     between runs (None: computed every time); ``checkpoint`` is where epochs are saved and a
     resumed run reads from (None: no checkpoints). ``started`` (``time.perf_counter``) is when
     the job's wall time began. ``preflight`` is the report of one run at submission (what it
-    settled is on the teachers already); None: the recipe runs it first.
+    settled is on the teachers already); None: the recipe runs it first. ``data``: arrays, or
+    text records (tokenised with the teacher's tokenizer, cached in ``token_cache_dir``).
     """
 
     job_id: str
     spec: DistillationSpec
     teachers: list[TeacherRecord]
-    data: DatasetArrays
+    data: DatasetArrays | TextRecords
     device: torch.device
     artifact_dir: Path
     cache_dir: Path | None = None
@@ -138,6 +152,7 @@ class RecipeInputs:
     checkpoint: Path | None = None
     started: float = field(default_factory=time.perf_counter)
     preflight: PreflightReport | None = None
+    token_cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -146,9 +161,12 @@ class RecipeOutput:
     paths: dict[ArtifactFormat, Path]
 
 
+Split = tuple[ModelInputs, np.ndarray, np.ndarray]
+
+
 def split_validation(
-    x: np.ndarray, y: np.ndarray, logits: np.ndarray, seed: int
-) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    x: ModelInputs, y: np.ndarray, logits: np.ndarray, seed: int
+) -> tuple[Split, Split]:
     """Hold out part of the training set to pick the best epoch; the test set stays unseen."""
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = min(MAX_VALIDATION, max(1, int(len(x) * VALIDATION_FRACTION)))
@@ -157,11 +175,34 @@ def split_validation(
 
 
 def to_batch(
-    arrays: tuple[np.ndarray, ...], signature: ModelSignature, device: torch.device
+    arrays: Split,
+    signature: ModelSignature,
+    device: torch.device,
 ) -> Batch:
-    """``(inputs, labels, teacher logits)`` arrays as a device ``Batch`` named by ``signature``."""
-    x, y, logits = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
-    return Batch(inputs={signature.inputs[0].name: x}, labels=y, teacher_logits=logits)
+    """``(inputs, labels, teacher logits)`` as a device ``Batch`` named by ``signature``."""
+    x, y, logits = arrays
+    if isinstance(x, TokenizedInputs):
+        inputs = x.feed([t.name for t in signature.inputs])
+    else:
+        inputs = {signature.inputs[0].name: x}
+    return Batch(
+        inputs={
+            name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in inputs.items()
+        },
+        labels=torch.from_numpy(y).to(device),
+        teacher_logits=torch.from_numpy(np.ascontiguousarray(logits)).to(device),
+    )
+
+
+def model_inputs(batch: Batch) -> ModelInputs:
+    """A split's inputs back on the CPU as a teacher or onnxruntime takes them."""
+    if batch.lengths is None:
+        x: np.ndarray = batch.x.cpu().numpy()
+        return x
+    arrays = {name: t.cpu().numpy() for name, t in batch.inputs.items()}
+    return TokenizedInputs(
+        arrays["input_ids"], arrays["attention_mask"], arrays.get("token_type_ids")
+    )
 
 
 class DistillationRecipe:
@@ -169,10 +210,12 @@ class DistillationRecipe:
 
     # Set by the phases, each for the next: prepare, teacher_outputs, train.
     student_signature: ModelSignature
+    data: DatasetArrays
     train_split: Batch
     val_split: Batch
     test_split: Batch
-    student: torch.nn.Sequential
+    student: torch.nn.Module
+    student_init: str | None
     resumed_from_epoch: int | None
     preflight: PreflightReport
 
@@ -187,6 +230,7 @@ class DistillationRecipe:
         self.dataset_digest = ""
         self.per_teacher: list[dict[str, np.ndarray]] = []
         self.cache_hits: list[bool] = []
+        self.truncated = 0
 
     def run(self) -> RecipeOutput:
         self.events.phase(JobPhase.VALIDATING)
@@ -210,17 +254,19 @@ class DistillationRecipe:
             PreflightFailed: the student would be meaningless (its ``code`` says why).
             JobFailure: ``shape_mismatch``.
         """
-        data = self.inputs.data
+        records = self.inputs.data
         first = self.inputs.teachers[0]
         # The scores the preflight will settle on, if the upload could not tell which they are.
         signature = settle_scores(
-            first.signature, list(first.feature_layers), first.choice, len(data.classes)
+            first.signature, list(first.feature_layers), first.choice, len(records.classes)
         )[0]
         try:
-            check_compatible(signature, data.signature, field="dataset")
+            check_compatible(signature, records.signature, field="dataset")
         except SignatureMismatch as e:
             raise JobFailure("shape_mismatch", e.detail) from e
         self.backends = [t.open(self.inputs.device) for t in self.inputs.teachers]
+        self.data = self.tokenize(records) if isinstance(records, TextRecords) else records
+        data = self.data
         if self.inputs.preflight is not None:
             self.preflight = self.inputs.preflight
         else:
@@ -231,32 +277,44 @@ class DistillationRecipe:
             self.preflight = run_preflight(checked, data, stage="worker")
             self.events.preflight(self.preflight, checked)
         self.signature = self.backends[0].signature
-        # The student takes the dataset's inputs as stored (its standardisation absorbs any
-        # scaling the teacher declared) and always outputs logits, named as every artifact names
-        # them, one per teacher score (which may be more than the dataset's classes), named as
-        # the teacher names them, else as the dataset does.
-        classes = self.signature.scores.classes or data.classes
-        self.student_signature = ModelSignature.for_tensor(
-            data.input_shape,
-            self.signature.num_classes,
-            classes=classes + [str(i) for i in range(len(classes), self.signature.num_classes)],
-            preprocessing=data.preprocessing,
+        self.student_signature = student_signature(self.signature, records.signature)
+
+    def tokenize(self, records: TextRecords) -> DatasetArrays:
+        """The records tokenised with the teacher's tokenizer (an ensemble's teachers must
+        share it), truncated to its ``max_length``.
+
+        Raises:
+            JobFailure: ``tokenizer_mismatch``, an ensemble's teachers tokenise differently.
+        """
+        tokenizers = [backend.tokenizer for backend in self.backends]
+        first = tokenizers[0]
+        assert first is not None  # a text dataset feeds only text teachers (checked)
+        if any(t is None or t.to_str() != first.to_str() for t in tokenizers[1:]):
+            raise JobFailure(
+                "tokenizer_mismatch",
+                "An ensemble's text teachers must share one tokenizer: theirs differ.",
+            )
+        preprocessing = self.backends[0].signature.preprocessing
+        assert isinstance(preprocessing, TextPreprocessing)
+        data, self.truncated = cached_tokenize_records(
+            records, first, preprocessing, self.inputs.token_cache_dir
         )
+        return data
 
     def labels(self, y: np.ndarray) -> np.ndarray:
         """Dataset labels as teacher classes (mapped by name when the two name them apart)."""
         mapping = self.preflight.label_map
         return y if mapping is None else np.asarray(mapping, dtype=np.int64)[y]
 
-    def teacher_inputs(self, x: np.ndarray, backend: TeacherBackend) -> np.ndarray:
+    def teacher_inputs(self, x: ModelInputs, backend: TeacherBackend) -> ModelInputs:
         """The dataset's inputs as ``backend``'s teacher declared it takes them."""
         preprocessing = backend.signature.preprocessing
-        return teacher_inputs(x, self.inputs.data.preprocessing, preprocessing)
+        return teacher_inputs(x, self.data.preprocessing, preprocessing)
 
     def teacher_outputs(self) -> None:
         """Each teacher's logits on the train and test inputs (cached by content), mixed into one
         teacher for an ensemble; then the train/validation/test batches."""
-        data, training = self.inputs.data, self.spec.training
+        data, training = self.data, self.spec.training
         self.dataset_digest = data.digest()
         self.per_teacher, self.cache_hits = [], []
         for record, backend in zip(self.inputs.teachers, self.backends, strict=True):
@@ -303,16 +361,27 @@ class DistillationRecipe:
             (data.x_test, self.labels(data.y_test), mixed["test"]), self.signature, device
         )
 
-    def build_student(self) -> torch.nn.Sequential:
+    def build_student(self) -> torch.nn.Module:
+        """A fresh student (arrays: its standardisation fitted on the training split; text:
+        started from the teacher's weights where its spec says so)."""
         torch.manual_seed(self.spec.training.seed)
+        text = is_text(self.student_signature)
         student = build_student(
-            self.spec.student, self.student_signature, fit_inputs=self.train_split.x
-        ).to(self.inputs.device)
+            self.spec.student,
+            self.student_signature,
+            fit_inputs=None if text else self.train_split.x,
+        )
+        self.student_init = None
+        if text:
+            self.student_init = init_from_teacher(
+                student, self.spec.student, self.backends[0].weights()
+            )
+        student = student.to(self.inputs.device)
         family_of(self.spec.student).apply_memory_format(student)
         return student
 
     def _feature_loss(
-        self, method: FeatureMethod, student: torch.nn.Sequential
+        self, method: FeatureMethod, student: torch.nn.Module
     ) -> tuple[torch.nn.Module, FeatureTap]:
         """What a feature method adds: the teacher's outputs at its layers for the training
         split (computed once: the inputs never change, and stored on the batch), the loss with
@@ -320,7 +389,7 @@ class DistillationRecipe:
         assert method.layers is not None  # resolved at submission
         device = self.inputs.device
         features = self.backends[0].features(
-            self.teacher_inputs(self.train_split.x.cpu().numpy(), self.backends[0]),
+            self.teacher_inputs(model_inputs(self.train_split), self.backends[0]),
             [pair.teacher for pair in method.layers],
             on_batch=self.events.keep_alive,
         )
@@ -341,14 +410,58 @@ class DistillationRecipe:
             teacher_features=tuple(torch.from_numpy(f).to(device) for f in features),
         )
         # Paths name modules of the architecture, after the student's input standardisation.
-        return loss_fn, FeatureTap(student, student_paths, root=student[1])
+        return loss_fn, FeatureTap(student, student_paths, root=architecture_of(student))
+
+    def _text_feature_loss(
+        self, method: TextFeatureMethod, student: torch.nn.Module
+    ) -> tuple[torch.nn.Module, TransformerTap, Callable[[Batch], list[torch.Tensor]]]:
+        """What a text feature method adds: the loss (adapters sized from both models' widths),
+        a tap on the student's hidden states or attentions, and the teacher run beside it on
+        every batch for its own."""
+        assert method.layers is not None  # resolved at submission
+        backend = self.backends[0]
+        if not isinstance(backend, HuggingFaceTeacher):
+            raise JobFailure(
+                "teacher_unsupported", "Text feature methods need a Hugging Face teacher."
+            )
+        teacher = backend.model
+        if isinstance(method, AttentionKL):
+            from transformers import PreTrainedModel
+
+            assert isinstance(teacher, PreTrainedModel)
+            teacher.set_attn_implementation("eager")  # attention weights as tensors
+        widths = {
+            side: {layer.name: layer.shape for layer in layers}
+            for side, layers in (
+                ("student", feature_layers(self.spec.student, self.student_signature)),
+                ("teacher", transformer_layers(*_teacher_sizes(self.inputs.teachers[0]))),
+            )
+        }
+        shapes = [
+            (tuple(widths["student"][p.student]), tuple(widths["teacher"][p.teacher]))
+            for p in method.layers
+        ]
+        loss_fn = build_loss(method, shapes).to(self.inputs.device)
+        names = [t.name for t in self.student_signature.inputs]
+        teacher_names = [p.teacher for p in method.layers]
+
+        def teacher_features(batch: Batch) -> list[torch.Tensor]:
+            with torch.no_grad():
+                feed = {name: batch.inputs[name] for name in names}
+                return transformer_outputs(teacher, feed, teacher_names)[1]
+
+        student_names = [p.student for p in method.layers]
+        return loss_fn, TransformerTap(student, student_names, names), teacher_features
 
     def train(self) -> LoopOutcome:
         """Build the student and its loss, then run the loop (resuming from the checkpoint)."""
         self.student = self.build_student()
         method = self.spec.distillation
-        tap = None
-        if isinstance(method, FeatureMethod):
+        tap: FeatureTap | TransformerTap | None = None
+        teacher_tap = None
+        if isinstance(method, TextFeatureMethod):
+            loss_fn, tap, teacher_tap = self._text_feature_loss(method, self.student)
+        elif isinstance(method, FeatureMethod):
             loss_fn, tap = self._feature_loss(method, self.student)
         else:
             loss_fn = build_loss(method)
@@ -368,6 +481,7 @@ class DistillationRecipe:
             # bf16 autocast on CUDA: matmuls on tensor cores; losses upcast to float32 themselves.
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
             student_tap=tap,
+            teacher_tap=teacher_tap,
         )
         if tap is not None:
             tap.remove()  # evaluation and export see the plain student
@@ -383,7 +497,7 @@ class DistillationRecipe:
         """
         test = self.test_split
         num_classes = self.signature.num_classes
-        student_logits = predict_logits(self.student, test.x)
+        student_logits = predict_logits(self.student, test)
         student_test = logit_metrics(student_logits, test.teacher_logits, test.labels)
         teacher_test = logit_metrics(test.teacher_logits, test.teacher_logits, test.labels)
         chance = torch.bincount(test.labels).max().item() / len(test)
@@ -424,7 +538,10 @@ class DistillationRecipe:
                     self.inputs.teachers, self.weights, self.per_teacher, strict=True
                 )
             ],
-            warnings=training_warnings(outcome, self.spec.training.epochs),
+            warnings=training_warnings(outcome, self.spec.training.epochs)
+            + self.truncation_warnings(),
+            student_init=self.student_init,
+            truncated_records=self.truncated if isinstance(test.lengths, torch.Tensor) else None,
             best_epoch=outcome.state.best_epoch,
             best_val_accuracy=outcome.state.best_val_accuracy,
             epochs_run=outcome.state.epoch,
@@ -439,6 +556,21 @@ class DistillationRecipe:
             device=str(self.inputs.device),
             cpu_threads=torch.get_num_threads(),
         )
+
+    def truncation_warnings(self) -> list[Finding]:
+        """``texts_truncated`` when records were cut to the tokenizer's ``max_length``."""
+        preprocessing = self.student_signature.preprocessing
+        if not self.truncated or not isinstance(preprocessing, TextPreprocessing):
+            return []
+        total = len(self.data.x_train) + len(self.data.x_test)
+        return [
+            Finding(
+                code="texts_truncated",
+                detail=f"{self.truncated} of {total} records were longer than "
+                f"{preprocessing.max_length} tokens and were cut there, for teacher and student "
+                "alike (`/predict` cuts them the same way).",
+            )
+        ]
 
     def export_int8(
         self, float_latency_ms: float
@@ -455,8 +587,8 @@ class DistillationRecipe:
                 path,
                 family_of(self.spec.student).name,
                 self.student_signature,
-                calibration=self.val_split.x.cpu().numpy(),
-                test_x=self.test_split.x.cpu().numpy(),
+                calibration=model_inputs(self.val_split),
+                test_x=model_inputs(self.test_split),
                 test_labels=self.test_split.labels.cpu().numpy(),
                 float_latency_ms=float_latency_ms,
             )
@@ -493,6 +625,18 @@ class DistillationRecipe:
             paths[ArtifactFormat.ONNX_INT8] = int8_path
         # An ensemble answers once all its members have: their latencies add up.
         teacher_latency = sum(backend.latency_ms() for backend in self.backends)
+        text_fields: dict[str, object] = {}
+        tokenizer = self.backends[0].tokenizer
+        if tokenizer is not None:
+            paths[ArtifactFormat.TOKENIZER] = directory / FILENAMES[ArtifactFormat.TOKENIZER]
+            paths[ArtifactFormat.TOKENIZER].write_text(tokenizer.to_str())
+            text_fields = {
+                "latency_tokens": LATENCY_TOKENS,
+                "student_latency_batch32_ms": onnx_latency_ms(
+                    paths[ArtifactFormat.ONNX], self.student_signature, batch=32
+                ),
+                "teacher_latency_batch32_ms": sum(b.latency_ms(batch=32) for b in self.backends),
+            }
         result = result.model_copy(
             update={
                 "student_size_bytes": paths[ArtifactFormat.ONNX].stat().st_size,
@@ -502,6 +646,7 @@ class DistillationRecipe:
                 "speedup": teacher_latency / student_latency,
                 "wall_seconds": time.perf_counter() - self.inputs.started,
                 **int8_fields,
+                **text_fields,
                 "warnings": [*result.warnings, *int8_warnings],
             }
         )
@@ -521,6 +666,16 @@ class DistillationRecipe:
             },
         )
         return RecipeOutput(result, paths)
+
+
+def _teacher_sizes(teacher: TeacherRecord) -> tuple[int, int, int]:
+    """A Hugging Face teacher's layers, hidden size and heads, from its config."""
+    config = teacher.architecture or {}
+    return (
+        int(config["num_hidden_layers"]),
+        int(config["hidden_size"]),
+        int(config["num_attention_heads"]),
+    )
 
 
 def training_warnings(outcome: LoopOutcome, epochs: int) -> list[Finding]:

@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -58,11 +59,14 @@ def expand_top_k(stored: dict[str, np.ndarray]) -> np.ndarray:
     return dense.astype(np.float32)
 
 
+InputsT = TypeVar("InputsT")  # a split's inputs: an array, or tokenised text
+
+
 def cached_teacher_logits(
     directory: Path,
     key: str,
-    splits: dict[str, np.ndarray],
-    compute: Callable[[np.ndarray], np.ndarray],
+    splits: dict[str, InputsT],
+    compute: Callable[[InputsT], np.ndarray],
     max_bytes: int | None = None,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """The teacher's logits for each named split, and whether they came from the cache. Beyond

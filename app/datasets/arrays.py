@@ -11,6 +11,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from app.ml.signature import AnyPreprocessing, ModelSignature, RawTensors
+from app.ml.text import TokenizedInputs
 
 # Elements per block when a check needs a temporary array (bounds its memory).
 _BLOCK_ELEMENTS = 1 << 22
@@ -63,17 +64,20 @@ def input_stats(
 @dataclass(frozen=True)
 class DatasetArrays:
     """``y_train`` is None for an unlabelled transfer set (label-free distillation).
-    ``preprocessing`` says how the inputs were made from raw records (builtin images: scaled)."""
+    ``preprocessing`` says how the inputs were made from raw records (builtin images: scaled;
+    text: tokenised, the inputs then being ``TokenizedInputs``)."""
 
-    x_train: np.ndarray
+    x_train: np.ndarray | TokenizedInputs
     y_train: np.ndarray | None
-    x_test: np.ndarray
+    x_test: np.ndarray | TokenizedInputs
     y_test: np.ndarray
     classes: list[str]
     preprocessing: AnyPreprocessing = field(default_factory=RawTensors)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The per-sample shape of array inputs (text has none: records vary in length)."""
+        assert isinstance(self.x_train, np.ndarray), "tokenised text has no fixed shape"
         return tuple(self.x_train.shape[1:])
 
     @property
@@ -89,7 +93,10 @@ class DatasetArrays:
     def digest(self) -> str:
         """sha256 of the arrays as training sees them, whatever file they came from."""
         digest = hashlib.sha256()
-        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+        arrays: list[np.ndarray | None] = []
+        for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
+            arrays += [*(x.arrays.values() if isinstance(x, TokenizedInputs) else [x]), y]
+        for array in arrays:
             if array is None:
                 digest.update(b"unlabelled")
                 continue

@@ -1,11 +1,12 @@
-"""Dataset references -> in-memory arrays (float32 inputs, int64 labels, with a test split), for
-the worker and for the API's preflight at submission."""
+"""Dataset references -> in memory (arrays: float32 inputs, int64 labels; or text records), with
+a test split, for the worker and for the API's preflight at submission."""
 
 from pathlib import Path
 
 from app.datasets.arrays import DatasetArrays
 from app.datasets.builtins import BUILTIN_DATASETS
 from app.datasets.npz import holdout_split, read_dataset_npz
+from app.datasets.text import TextRecords, read_records
 from app.errors import InvalidDataset
 
 
@@ -18,12 +19,15 @@ def load_builtin(ref: str) -> DatasetArrays:
     return BUILTIN_DATASETS[ref].load()
 
 
-def load_uploaded(path: Path, classes: list[str] | None = None) -> DatasetArrays:
-    """Load an uploaded ``.npz``; ``classes`` names the label values (default: "0", "1"...).
+def load_uploaded(path: Path, classes: list[str] | None = None) -> DatasetArrays | TextRecords:
+    """Load an uploaded dataset as stored: ``.npz`` arrays, or text records (``.parquet``,
+    ``read_records``); ``classes`` names the label values (default: "0", "1"...).
 
     Raises:
         InvalidDataset: a label has no name in ``classes``.
     """
+    if path.suffix == ".parquet":
+        return read_records(path, classes)
     data = read_dataset_npz(path)
     if classes is None:
         classes = [str(i) for i in range(data.num_classes)]

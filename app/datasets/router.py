@@ -1,12 +1,13 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Form, UploadFile, status
+from fastapi import APIRouter, File, Form, UploadFile, status
 
 from app.config import Settings
 from app.datasets import service
 from app.datasets.npz import parse_classes
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.dependencies import SessionDep, SettingsDep, StoreDep
+from app.errors import problem_responses
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -17,42 +18,95 @@ def decoding_budget(settings: Settings) -> int:
     return min(settings.max_dataset_memory_bytes, 4 * settings.max_dataset_bytes)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    responses=problem_responses(415),
+)
 def upload_dataset(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    file: UploadFile,
+    file: Annotated[
+        UploadFile,
+        File(
+            description="`.npz` arrays, or text records: `.csv`, `.tsv` (GLUE's: no quoting), "
+            "`.jsonl`/`.ndjson` or `.parquet`, in UTF-8. A text file's test split is a `split` "
+            "column (`train`; `test`, `dev` or `validation`), or `test_file`, else 20% held "
+            "out at a fixed seed. Refusals name records by number: the first record (the row "
+            "under a CSV/TSV header, the first JSON line) is 1; blank lines are not counted."
+        ),
+    ],
     name: Annotated[str | None, Form(max_length=255)] = None,
     classes: Annotated[
         str | None,
         Form(
             description="JSON list of unique class names, one per label value (index 0 "
-            "included). Without it, labels must start at 0 and classes are only counted."
+            "included). Without it, labels must start at 0 and classes are only counted; text "
+            "labels that are names are then sorted."
+        ),
+    ] = None,
+    test_file: Annotated[
+        UploadFile | None,
+        File(description="Text only: the test split, with the same columns as `file`."),
+    ] = None,
+    text_column: Annotated[
+        str | None,
+        Form(
+            max_length=255,
+            description="Text only: the column holding the text (default: `text`, `sentence`, "
+            "`sentence1`, `premise`, `question`, `question1`, `review` or `content`, else the "
+            "only string column).",
+        ),
+    ] = None,
+    text_pair_column: Annotated[
+        str | None,
+        Form(
+            max_length=255,
+            description="Text only: the column holding a sentence pair's second text (default: "
+            "`text_pair`, `sentence2`, `hypothesis` or `question2`, after `text`, `sentence1`, "
+            "`premise` or `question1`).",
+        ),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        Form(
+            max_length=255,
+            description="Text only: the column holding the labels, class indices or names "
+            "(default: `label`, `labels`, `target`, `class` or `y`; none: an unlabelled "
+            "transfer set, which needs a labelled test split).",
         ),
     ] = None,
 ) -> DatasetOut:
-    """Upload an `.npz` dataset with arrays `x`, `y` and optionally `x_test`, `y_test`."""
+    """Upload a dataset: `.npz` arrays (`x`, `y`, optionally `x_test`, `y_test`), or text
+    records (CSV, TSV, JSON lines or Parquet)."""
     names = None if classes is None else parse_classes(classes)
-    upload = store.receive(file.file, max_bytes=settings.max_dataset_bytes)
-    dataset = service.create_dataset(
+    dataset = service.upload_dataset(
         session,
         store=store,
-        upload=upload,
-        max_bytes=decoding_budget(settings),
+        file=file.file,
+        filename=file.filename or "",
+        test_file=None if test_file is None else test_file.file,
+        test_filename=None if test_file is None else test_file.filename or "",
         name=(name or file.filename or "dataset")[:255],
         classes=names,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        max_bytes=settings.max_dataset_bytes,
+        decoding_budget=decoding_budget(settings),
     )
-    return service.uploaded_out(dataset)
+    return service.uploaded_out(dataset, store)
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(session: SessionDep) -> DatasetList:
+def list_datasets(session: SessionDep, store: StoreDep) -> DatasetList:
     """The builtin datasets (with whether this server has their files) and the uploaded ones."""
-    return DatasetList(items=service.list_datasets(session))
+    return DatasetList(items=service.list_datasets(session, store))
 
 
 @router.get("/{ref}", response_model=DatasetOut)
-def get_dataset(session: SessionDep, ref: str) -> DatasetOut:
+def get_dataset(session: SessionDep, store: StoreDep, ref: str) -> DatasetOut:
     """One dataset: a builtin one by its `builtin:<name>` ref, an uploaded one by its id."""
-    return service.dataset_out(session, ref)
+    return service.dataset_out(session, store, ref)

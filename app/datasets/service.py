@@ -1,4 +1,7 @@
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -7,10 +10,22 @@ from app.datasets.arrays import InputStats, input_stats
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset
 from app.datasets.npz import check_labels, holdout_test_size, read_dataset_npz
 from app.datasets.schemas import DatasetOut
-from app.errors import DatasetUnavailable, InvalidSpec, NotFound
+from app.datasets.text import (
+    MAX_TEXT_CHARS,
+    MAX_TEXT_ROWS,
+    TEXT_FORMATS,
+    is_text_dataset,
+    read_text_stats,
+    read_text_upload,
+    text_format,
+    write_records,
+)
+from app.errors import DatasetUnavailable, InvalidDataset, InvalidSpec, NotFound, UnsupportedFormat
 from app.ml.signature import ModelSignature
 from app.models import Dataset
-from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback
+from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback, sha256_file
+
+NPZ = ".npz"
 
 
 @dataclass(frozen=True)
@@ -22,14 +37,17 @@ class DatasetSummary:
     train_size: int
 
 
-def uploaded_out(dataset: Dataset) -> DatasetOut:
+def uploaded_out(dataset: Dataset, store: ArtifactStore) -> DatasetOut:
+    """An uploaded dataset; a text one's stats are read from its stored file's footer."""
     signature = ModelSignature.model_validate(dataset.signature)
+    text = is_text_dataset(signature)
     return DatasetOut(
         ref=dataset.id,
         kind="uploaded",
+        modality="text" if text else "tensor",
         name=dataset.name,
         signature=signature,
-        input_shape=list(signature.input_shape),
+        input_shape=None if text else list(signature.input_shape),
         num_classes=signature.num_classes,
         train_size=dataset.train_size,
         test_size=dataset.test_size,
@@ -39,6 +57,7 @@ def uploaded_out(dataset: Dataset) -> DatasetOut:
         input_stats=(
             None if dataset.input_stats is None else InputStats.model_validate(dataset.input_stats)
         ),
+        text_stats=read_text_stats(store.path(dataset.storage_key)) if text else None,
         sha256=dataset.sha256,
         size_bytes=dataset.size_bytes,
         created_at=dataset.created_at,
@@ -49,6 +68,7 @@ def builtin_out(dataset: BuiltinDataset) -> DatasetOut:
     return DatasetOut(
         ref=dataset.ref,
         kind="builtin",
+        modality="text" if is_text_dataset(dataset.signature) else "tensor",
         name=dataset.description,
         signature=dataset.signature,
         input_shape=list(dataset.input_shape),
@@ -59,17 +79,94 @@ def builtin_out(dataset: BuiltinDataset) -> DatasetOut:
     )
 
 
-def list_datasets(session: Session) -> list[DatasetOut]:
+def list_datasets(session: Session, store: ArtifactStore) -> list[DatasetOut]:
     uploaded = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()))
-    return [builtin_out(d) for d in BUILTIN_DATASETS.values()] + [uploaded_out(d) for d in uploaded]
+    return [builtin_out(d) for d in BUILTIN_DATASETS.values()] + [
+        uploaded_out(d, store) for d in uploaded
+    ]
 
 
-def dataset_out(session: Session, ref: str) -> DatasetOut:
+def dataset_out(session: Session, store: ArtifactStore, ref: str) -> DatasetOut:
     """A builtin dataset by its ``builtin:<name>`` ref, or an uploaded one by id."""
     builtin = BUILTIN_DATASETS.get(ref)
     if builtin is not None:
         return builtin_out(builtin)
-    return uploaded_out(get_dataset(session, ref))
+    return uploaded_out(get_dataset(session, ref), store)
+
+
+def upload_dataset(
+    session: Session,
+    *,
+    store: ArtifactStore,
+    file: BinaryIO,
+    filename: str,
+    test_file: BinaryIO | None = None,
+    test_filename: str | None = None,
+    name: str,
+    classes: list[str] | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    max_bytes: int,
+    decoding_budget: int,
+) -> Dataset:
+    """Receive an upload (each file up to ``max_bytes``), check it fully and keep it: ``.npz``
+    arrays (``create_dataset``) or text records (``create_text_dataset``), by the file name's
+    suffix. The text options (``test_file``, the columns) are refused for ``.npz``.
+
+    Raises:
+        UnsupportedFormat: 415, a file named with another suffix.
+        PayloadTooLarge: 413, a file over ``max_bytes``.
+        InvalidDataset: 422, the upload (or a form field) at fault.
+    """
+    if Path(filename).suffix.lower() == NPZ:
+        options = {
+            "test_file": test_file,
+            "text_column": text_column,
+            "text_pair_column": text_pair_column,
+            "label_column": label_column,
+        }
+        for field, value in options.items():
+            if value is not None:
+                raise InvalidDataset(
+                    f"`{field}` is for text datasets; an .npz brings its test split as "
+                    "`x_test`, `y_test`, and has no columns.",
+                    field=field,
+                )
+        upload = store.receive(file, max_bytes=max_bytes)
+        return create_dataset(
+            session,
+            store=store,
+            upload=upload,
+            max_bytes=decoding_budget,
+            name=name,
+            classes=classes,
+        )
+    for field, given in (("file", filename), ("test_file", test_filename)):
+        if given is not None and text_format(given) is None:
+            raise UnsupportedFormat(
+                f"`{given}` is not a format Distill reads: upload a file named "
+                f"{', '.join(f'*{s}' for s in (NPZ, *TEXT_FORMATS))}"
+                + (" (text only, as the test file)." if field == "test_file" else "."),
+                field=field,
+            )
+    upload = store.receive(file, max_bytes=max_bytes)
+    with store.holding(upload):  # the test file may still be refused (413)
+        test_upload = None if test_file is None else store.receive(test_file, max_bytes=max_bytes)
+    return create_text_dataset(
+        session,
+        store=store,
+        upload=upload,
+        filename=filename,
+        test_upload=test_upload,
+        test_filename=test_filename,
+        name=name,
+        classes=classes,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        max_bytes=decoding_budget,
+    )
 
 
 def create_dataset(
@@ -117,6 +214,72 @@ def create_dataset(
         dataset.storage_key = keys.dataset(dataset.id)
         remove_on_rollback(session, store, keys.dataset_dir(dataset.id))
         store.adopt(upload.path, dataset.storage_key)
+    return dataset
+
+
+def create_text_dataset(
+    session: Session,
+    *,
+    store: ArtifactStore,
+    upload: StoredFile,
+    filename: str,
+    test_upload: StoredFile | None = None,
+    test_filename: str | None = None,
+    name: str,
+    classes: list[str] | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    max_bytes: int,
+) -> Dataset:
+    """Check staged text records (and their test file) fully (``read_text_upload``), then keep
+    them in their stored form (``write_records``: Parquet) in place of the files uploaded. The
+    staged files are removed if this fails for any reason, and the kept one if the request's
+    transaction rolls back. Parquet text may decode to at most ``max_bytes`` per file.
+
+    Raises:
+        UnsupportedFormat: 415, a file name without a text format's suffix.
+        InvalidDataset: 422, with the refusal's own code (``read_text_upload``).
+    """
+    with contextlib.ExitStack() as staged:
+        for held in (upload, test_upload):
+            if held is not None:
+                staged.enter_context(store.holding(held))
+        text = read_text_upload(
+            upload.path,
+            filename,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+            classes=classes,
+            test_path=None if test_upload is None else test_upload.path,
+            test_filename=test_filename,
+            max_rows=MAX_TEXT_ROWS,
+            max_text_chars=MAX_TEXT_CHARS,
+            max_bytes=max_bytes,
+        )
+        records = text.records
+        # The stored form replaces the staged upload; the files as uploaded are not kept.
+        write_records(records, upload.path)
+        dataset = Dataset(
+            name=name,
+            sha256=sha256_file(upload.path),
+            size_bytes=upload.path.stat().st_size,
+            signature=text.signature.model_dump(mode="json"),
+            train_size=len(records.texts_train),
+            test_size=len(records.texts_test),
+            has_test_split=text.has_test_split,
+            labelled=records.y_train is not None,
+            input_stats=None,
+            storage_key="",
+        )
+        session.add(dataset)
+        session.flush()
+        dataset.storage_key = keys.dataset(dataset.id, "parquet")
+        remove_on_rollback(session, store, keys.dataset_dir(dataset.id))
+        store.adopt(upload.path, dataset.storage_key)
+        if test_upload is not None:
+            test_upload.path.unlink()
     return dataset
 
 

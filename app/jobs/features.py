@@ -2,14 +2,23 @@
 so a name or shape that cannot work is a 422 and the stored spec names its layers explicitly."""
 
 import math
+from typing import Any
 
 from app.datasets.service import DatasetSummary
 from app.errors import InvalidSpec
-from app.jobs.methods import AttentionTransfer, FeatureMethod, FitNets, LayerPair
-from app.ml.layers import FeatureLayer, feature_layers, last_feature_map
+from app.jobs.methods import (
+    AttentionTransfer,
+    FeatureMethod,
+    FitNets,
+    HiddenStates,
+    LayerPair,
+    TextFeatureMethod,
+)
+from app.ml.layers import FeatureLayer, feature_layers, last_feature_map, transformer_layers
 from app.ml.signature import ModelSignature
-from app.ml.students import StudentSpecBase
+from app.ml.students import StudentSpecBase, TransformerSpec
 from app.ml.teacher_formats.onnx import ONNX
+from app.ml.text import ATTENTIONS, HIDDEN_STATES
 from app.models import Teacher
 
 FIELD = "distillation.layers"
@@ -106,4 +115,87 @@ def resolve_layer_pairs(
             f"{max_teacher_feature_bytes / 2**20:,.0f} MiB. Choose a smaller (deeper) layer.",
             field=FIELD,
         )
+    return pairs
+
+
+def _transformer_sizes(config: dict[str, Any]) -> tuple[int, int, int]:
+    return (
+        int(config["num_hidden_layers"]),
+        int(config["hidden_size"]),
+        int(config["num_attention_heads"]),
+    )
+
+
+def default_text_pairs(
+    method: TextFeatureMethod, teacher_depth: int, student_depth: int
+) -> list[LayerPair]:
+    """TinyBERT's uniform mapping for hidden states (student layer ``m`` to teacher layer
+    ``m * T / S``, the embeddings ``0`` to ``0``); MiniLM's last layer for attention."""
+    if isinstance(method, HiddenStates):
+        return [
+            LayerPair(
+                teacher=f"{HIDDEN_STATES}.{round(m * teacher_depth / student_depth)}",
+                student=f"{HIDDEN_STATES}.{m}",
+            )
+            for m in range(student_depth + 1)
+        ]
+    return [
+        LayerPair(
+            teacher=f"{ATTENTIONS}.{teacher_depth - 1}", student=f"{ATTENTIONS}.{student_depth - 1}"
+        )
+    ]
+
+
+def resolve_text_layer_pairs(
+    method: TextFeatureMethod, teacher: Teacher, student: StudentSpecBase
+) -> list[LayerPair]:
+    """The layer pairs of a text feature method between a Hugging Face teacher and a (resolved)
+    transformer student: defaults filled, names and shapes checked.
+
+    Raises:
+        InvalidSpec: another teacher or student, an unknown layer, a pair of the wrong kind,
+            attention pairs with different head counts.
+    """
+    config = teacher.architecture or {}
+    if "num_hidden_layers" not in config:
+        raise InvalidSpec(
+            f"`{method.method}` matches a transformer's layers: use a Hugging Face teacher.",
+            field="teacher",
+        )
+    if not isinstance(student, TransformerSpec):
+        raise InvalidSpec(
+            f"`{method.method}` matches a transformer's layers: use a `transformer` student.",
+            field="student.architecture",
+        )
+    assert student.hidden_size is not None and student.num_heads is not None  # resolved
+    depth, hidden, heads = _transformer_sizes(config)
+    listed = {
+        "teacher": {layer.name: layer for layer in transformer_layers(depth, hidden, heads)},
+        "student": {
+            layer.name: layer
+            for layer in transformer_layers(
+                student.num_layers, student.hidden_size, student.num_heads
+            )
+        },
+    }
+    kind = HIDDEN_STATES if isinstance(method, HiddenStates) else ATTENTIONS
+    pairs = method.layers or default_text_pairs(method, depth, student.num_layers)
+    for pair in pairs:
+        for side, name in (("teacher", pair.teacher), ("student", pair.student)):
+            layer = listed[side].get(name)
+            if layer is None or layer.kind != kind:
+                names = [n for n, other in listed[side].items() if other.kind == kind]
+                raise InvalidSpec(
+                    f"`{method.method}` matches `{kind}.<i>` layers; the {side} has no {name!r}. "
+                    f"It has: {', '.join(names)}.",
+                    field=FIELD,
+                )
+        if kind == ATTENTIONS and (
+            listed["teacher"][pair.teacher].shape != listed["student"][pair.student].shape
+        ):
+            raise InvalidSpec(
+                f"Attention distributions are compared head by head: the teacher has {heads} "
+                f"heads, the student {student.num_heads}. Give the student `num_heads: {heads}`.",
+                field=FIELD,
+            )
     return pairs

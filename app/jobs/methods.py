@@ -198,7 +198,47 @@ class RelationalKD(_FeatureMethod):
     angle_weight: FeatureWeight = 50.0
 
 
-FeatureMethod = FitNets | AttentionTransfer | SimilarityPreserving | RelationalKD
+class _TextFeatureMethod(_Softened):
+    """Hinton KD on the logits (``alpha``; ``1 - alpha`` weights cross-entropy) plus a term
+    matching transformer layers of the two models over each record's real tokens. The teacher
+    runs beside the student on every batch (its per-token outputs are too large to keep)."""
+
+    kind: ClassVar[MethodKind] = MethodKind.FEATURE
+    layers: list[LayerPair] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=25,
+        description="Pairs of `hidden_states.<i>` (0: the embeddings) or `attentions.<i>` "
+        "(layer i's attention) names; defaults are stored resolved on the job.",
+    )
+    temperature: Temperature = 4.0
+    alpha: Alpha = 0.9
+
+
+class HiddenStates(_TextFeatureMethod):
+    """TinyBERT's hidden-state distillation (Jiao et al., Findings of EMNLP 2020):
+    `weight * sum_j mean_{real tokens, d} (H_s W_j - H_t)^2` with a learned linear map `W_j`
+    (student width to teacher width) per pair. Default pairs: TinyBERT's uniform mapping,
+    student layer m to teacher layer m * T / S, the embeddings (0) included."""
+
+    method: Literal["hidden_states"]
+    weight: FeatureWeight = 1.0
+
+
+class AttentionKL(_TextFeatureMethod):
+    """MiniLM's self-attention distribution transfer (Wang et al., NeurIPS 2020):
+    `weight * sum_j mean_{heads, real queries} KL(A_t || A_s)` between the attention
+    distributions over the keys, per head (student and teacher need as many heads). Default
+    pair: the last layer of each."""
+
+    method: Literal["attention_kl"]
+    weight: FeatureWeight = 1.0
+
+
+TextFeatureMethod = HiddenStates | AttentionKL
+FeatureMethod = (
+    FitNets | AttentionTransfer | SimilarityPreserving | RelationalKD | HiddenStates | AttentionKL
+)
 DistillationMethod = Annotated[
     KnowledgeDistillation
     | LogitMSE
@@ -211,6 +251,8 @@ DistillationMethod = Annotated[
     | FitNets
     | AttentionTransfer
     | SimilarityPreserving
-    | RelationalKD,
+    | RelationalKD
+    | HiddenStates
+    | AttentionKL,
     Field(discriminator="method"),
 ]

@@ -24,7 +24,7 @@ from app.ml.signature import (
     RawTensors,
 )
 from app.ml.teacher_formats import ScoresChoice, TeacherBackend
-from app.ml.teacher_formats.base import as_logits, with_scores
+from app.ml.teacher_formats.base import ModelInputs, as_logits, with_scores
 
 SAMPLES = 512
 SEED = 0
@@ -109,7 +109,9 @@ def settle_scores(
     return signature, layers, choice.model_copy(update={"output": fitting[0], "by": "classes"})
 
 
-def teacher_inputs(x: np.ndarray, data: AnyPreprocessing, teacher: AnyPreprocessing) -> np.ndarray:
+def teacher_inputs(
+    x: ModelInputs, data: AnyPreprocessing, teacher: AnyPreprocessing
+) -> ModelInputs:
     """The dataset's inputs as the teacher takes them (``[N, C, ...]``; ``[N, D]`` flat).
 
     A teacher that declares image preprocessing gets ``(pixel * scale - mean) / std`` per
@@ -119,6 +121,7 @@ def teacher_inputs(x: np.ndarray, data: AnyPreprocessing, teacher: AnyPreprocess
     """
     if not isinstance(teacher, ImagePreprocessing) or data == teacher:
         return x
+    assert isinstance(x, np.ndarray)  # image preprocessing: the inputs are arrays
     pixels = x
     if isinstance(data, ImagePreprocessing):
         pixels = _affine_inverse(x, data)
@@ -215,7 +218,7 @@ def label_map(data: DatasetArrays, signature: ModelSignature) -> list[int] | Non
 
 def _sample(
     data: DatasetArrays,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, Literal["train", "test"]]:
+) -> tuple[ModelInputs, np.ndarray, np.ndarray, Literal["train", "test"]]:
     """Up to ``SAMPLES`` labelled samples: inputs, labels, their rows in the split, the split."""
     x, y, split = data.x_train, data.y_train, "train"
     if y is None:  # an unlabelled transfer set is scored on its (labelled) test split
@@ -378,11 +381,12 @@ def run_preflight(
         if accuracy <= chance and accuracy < 1:  # (a sample of one class: chance is 1)
             raise _below_chance(teacher.id, logits, labels, accuracy, chance)
         preprocessing = teacher.signature.preprocessing
-        finding = (
-            _range_warning(inputs, preprocessing)
-            if isinstance(preprocessing, ImagePreprocessing)
-            else _scale_warning(teacher.backend, x, labels, accuracy)
-        )
+        finding = None
+        if isinstance(preprocessing, ImagePreprocessing):
+            assert isinstance(inputs, np.ndarray)
+            finding = _range_warning(inputs, preprocessing)
+        elif isinstance(x, np.ndarray):  # (tokenised text has no scale)
+            finding = _scale_warning(teacher.backend, x, labels, accuracy)
         if finding is not None:
             warnings.append(finding)
         if teacher.backend.fixed_batch is not None:
@@ -406,7 +410,7 @@ def run_preflight(
                 fixed_batch=teacher.backend.fixed_batch,
             )
         )
-    if len(data.input_shape) == 1:
+    if isinstance(data.x_train, np.ndarray) and len(data.input_shape) == 1:
         constant = int((data.x_train.max(0) == data.x_train.min(0)).sum())
         if constant:
             warnings.append(

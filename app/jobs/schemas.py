@@ -152,10 +152,31 @@ class JobResult(BaseModel):
     int8_speedup: float | None = Field(
         default=None, description="Float32 student latency / int8 student latency."
     )
+    latency_tokens: int | None = Field(
+        default=None,
+        description="Text models: the record length, in tokens, the latencies are measured at.",
+    )
+    student_latency_batch32_ms: float | None = Field(
+        default=None,
+        description="Text models: the student's median latency for a batch of 32 records.",
+    )
+    teacher_latency_batch32_ms: float | None = Field(
+        default=None,
+        description="Text models: the teacher's median latency for a batch of 32 records.",
+    )
+    student_init: str | None = Field(
+        default=None,
+        description="Text students: how the student was initialised (`random`, or which teacher "
+        "weights it started from).",
+    )
+    truncated_records: int | None = Field(
+        default=None,
+        description="Text: records (train and test) cut to the tokenizer's `max_length`.",
+    )
     warnings: list[Finding] = Field(
         default=[],
         description="What the figures suggest doing differently (e.g. `still_improving`: the best "
-        "epoch was the last, more epochs would likely help).",
+        "epoch was the last, more epochs would likely help; `texts_truncated`).",
     )
 
 

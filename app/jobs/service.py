@@ -5,18 +5,27 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.datasets.arrays import DatasetArrays
 from app.datasets.loading import load_builtin, load_uploaded
 from app.datasets.service import DatasetSummary, resolve_dataset
+from app.datasets.text import TextRecords
+from app.datasets.tokenized import tokenize_records
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.jobs import repository
-from app.jobs.features import resolve_layer_pairs
-from app.jobs.methods import FeatureMethod
+from app.jobs.features import resolve_layer_pairs, resolve_text_layer_pairs
+from app.jobs.methods import FeatureMethod, TextFeatureMethod
 from app.jobs.preflight import PreflightReport, PreflightTeacher, run_preflight, settle_scores
 from app.jobs.schemas import DistillationSpec, JobOut
 from app.ml.layers import FeatureLayer, activation_bytes
-from app.ml.signature import ModelSignature, SignatureMismatch, check_compatible
-from app.ml.students import family_of
+from app.ml.signature import (
+    ModelSignature,
+    SignatureMismatch,
+    TextPreprocessing,
+    check_compatible,
+)
+from app.ml.students import family_of, resolve_student, student_signature
 from app.ml.teacher_formats import FORMATS, ScoresChoice
+from app.ml.text import is_text
 from app.models import Dataset, Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
 from app.storage import get_store
@@ -81,15 +90,19 @@ def validate_spec(session: Session, spec: DistillationSpec) -> tuple[list[Teache
         check_compatible(signature, dataset.signature, field="dataset")
     except SignatureMismatch as e:
         raise InvalidSpec(e.detail, field=e.field) from e
-    # The student takes the dataset's inputs as stored (the teacher may take them cast/scaled).
-    reason = family_of(spec.student).accepts(dataset.signature)
+    student = student_signature(signature, dataset.signature)
+    reason = family_of(spec.student).accepts(student)
     if reason is not None:
         raise InvalidSpec(
             f"A {spec.student.architecture} student cannot take these inputs: {reason}.",
             field="student.architecture",
         )
+    try:  # what the student takes from its teacher's config
+        spec.student = resolve_student(spec.student, teachers[0].architecture)
+    except ValueError as e:
+        raise InvalidSpec(f"The student cannot be built: {e}.", field="student") from e
     # Training keeps every layer's output for the backward pass, and their gradients.
-    batch_bytes = 2 * activation_bytes(spec.student, dataset.signature) * spec.training.batch_size
+    batch_bytes = 2 * activation_bytes(spec.student, student) * spec.training.batch_size
     budget = get_settings().max_training_activation_bytes
     if batch_bytes > budget:
         raise InvalidSpec(
@@ -106,12 +119,29 @@ def validate_spec(session: Session, spec: DistillationSpec) -> tuple[list[Teache
                 "has no common layers. Use a logit method (e.g. `kd`) for ensembles.",
                 field="teachers",
             )
-        spec.distillation.layers = resolve_layer_pairs(
-            spec.distillation,
-            teachers[0],
-            spec.student,
-            dataset,
-            get_settings().max_teacher_feature_bytes,
+        text_method = isinstance(spec.distillation, TextFeatureMethod)
+        if text_method != is_text(student):
+            raise InvalidSpec(
+                f"`{spec.distillation.method}` matches "
+                + (
+                    "transformer layers of text models (`hidden_states`, `attention_kl`)"
+                    if text_method
+                    else "image and vector layers; text students take `hidden_states` or "
+                    "`attention_kl`, or any logit method (e.g. `kd`)"
+                )
+                + ".",
+                field="distillation.method",
+            )
+        spec.distillation.layers = (
+            resolve_text_layer_pairs(spec.distillation, teachers[0], spec.student)
+            if isinstance(spec.distillation, TextFeatureMethod)
+            else resolve_layer_pairs(
+                spec.distillation,
+                teachers[0],
+                spec.student,
+                dataset,
+                get_settings().max_teacher_feature_bytes,
+            )
         )
     return teachers, dataset
 
@@ -144,12 +174,32 @@ def submission_preflight(
             store.path(teacher.storage_key), signature, teacher.architecture, torch.device("cpu")
         )
         checked.append(PreflightTeacher(teacher.id, backend, _choice(teacher), _layers(teacher)))
+    if isinstance(data, TextRecords):
+        data = _tokenized(data, checked)
     report = run_preflight(checked, data, stage="submission")
     for teacher, settled in zip(teachers, checked, strict=True):
         teacher.signature = settled.signature.model_dump(mode="json")
         teacher.scores_choice = settled.choice.model_dump(mode="json")
         teacher.feature_layers = [layer.model_dump() for layer in settled.feature_layers]
     return report
+
+
+def _tokenized(records: TextRecords, teachers: list[PreflightTeacher]) -> DatasetArrays:
+    """Text records tokenised with the teachers' tokenizer, for their preflight.
+
+    Raises:
+        InvalidSpec: an ensemble's text teachers tokenise differently.
+    """
+    tokenizers = [t.backend.tokenizer for t in teachers]
+    first = tokenizers[0]
+    preprocessing = teachers[0].backend.signature.preprocessing
+    assert first is not None and isinstance(preprocessing, TextPreprocessing)  # checked
+    if any(t is None or t.to_str() != first.to_str() for t in tokenizers[1:]):
+        raise InvalidSpec(
+            "An ensemble's text teachers must share one tokenizer: theirs differ.",
+            field="teachers",
+        )
+    return tokenize_records(records, first, preprocessing)[0]
 
 
 def create_job(session: Session, spec: DistillationSpec) -> Job:

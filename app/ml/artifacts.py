@@ -16,12 +16,14 @@ FILENAMES = {
     ArtifactFormat.SAFETENSORS: "model.safetensors",
     ArtifactFormat.ONNX: "model.onnx",
     ArtifactFormat.ONNX_INT8: "model.int8.onnx",
+    ArtifactFormat.TOKENIZER: "tokenizer.json",
 }
 MEDIA_TYPES = {
     ArtifactFormat.MANIFEST: "application/json",
     ArtifactFormat.SAFETENSORS: "application/octet-stream",
     ArtifactFormat.ONNX: "application/octet-stream",
     ArtifactFormat.ONNX_INT8: "application/octet-stream",
+    ArtifactFormat.TOKENIZER: "application/json",
 }
 
 

@@ -5,6 +5,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.ml.text import ATTENTIONS, HIDDEN_STATES, layer_index
+
 
 class FeatureTap:
     """Calls ``model`` and also returns the outputs of the submodules of ``root`` (by default the
@@ -28,12 +30,12 @@ class FeatureTap:
         return hook
 
     def __call__(
-        self, x: torch.Tensor, model: nn.Module | None = None
+        self, *inputs: torch.Tensor, model: nn.Module | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``model`` replaces the tapped model for this call: a compiled wrapper of it, say."""
         self._outputs = {}
         try:
-            output = (self.model if model is None else model)(x)
+            output = (self.model if model is None else model)(*inputs)
             return output, [self._outputs[path] for path in self.paths]
         finally:
             self._outputs = None
@@ -41,3 +43,37 @@ class FeatureTap:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def transformer_outputs(
+    model: nn.Module, inputs: dict[str, torch.Tensor], names: list[str]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A ``transformers`` sequence classifier's logits ``[B, classes]`` and its outputs at
+    ``names``: ``hidden_states.<i>`` ``[B, L, hidden]`` (0: the embeddings) and
+    ``attentions.<i>`` ``[B, heads, L, L]`` (layer ``i``'s, which needs eager attention)."""
+    wanted = [layer_index(name) for name in names]
+    kinds = {kind for kind, _ in wanted}
+    outputs = model(
+        **inputs,
+        output_hidden_states=HIDDEN_STATES in kinds,
+        output_attentions=ATTENTIONS in kinds,
+    )
+    return outputs.logits, [getattr(outputs, kind)[index] for kind, index in wanted]
+
+
+class TransformerTap:
+    """Calls a ``transformer`` student (``TransformerClassifier``) and also returns its hidden
+    states or attentions at ``names`` (``transformer_outputs``); its inputs are positional, in
+    the signature's order. Nothing is hooked, so there is nothing to remove."""
+
+    def __init__(self, student: nn.Module, names: list[str], input_names: list[str]) -> None:
+        self.student, self.names, self.input_names = student, names, input_names
+
+    def __call__(
+        self, *inputs: torch.Tensor, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feed = dict(zip(self.input_names, inputs, strict=True))
+        return transformer_outputs(self.student.get_submodule("model"), feed, self.names)
+
+    def remove(self) -> None:
+        pass

@@ -5,7 +5,6 @@ Both come from running the model once on the meta device (no memory, no maths), 
 check a job's layer names, shapes and memory at submission, and the worker can size the adapters.
 """
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +12,9 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from app.ml.signature import ModelSignature
-from app.ml.students import StudentSpecBase, build_model
-
-FLOAT32_BYTES = 4
+from app.ml.signature import ModelSignature, TextPreprocessing
+from app.ml.students import StudentSpecBase, TextCnnSpec, TransformerSpec, build_model
+from app.ml.text import ATTENTIONS, HIDDEN_STATES
 
 
 class FeatureLayer(BaseModel):
@@ -48,15 +46,50 @@ def _meta_forward(
     ]
     try:
         with torch.no_grad():
-            model(torch.empty(1, *signature.input_shape, device="meta"))
+            model(*_example(signature))
     finally:
         for handle in handles:
             handle.remove()
 
 
+def _example(signature: ModelSignature) -> list[torch.Tensor]:
+    """One sample on the meta device: text of ``max_length`` tokens, else the input shape.
+
+    Text gets ``input_ids`` alone (no padding: the same sizes): a mask would make
+    ``transformers`` ask whether it masks anything, which a meta tensor cannot answer.
+    """
+    if isinstance(signature.preprocessing, TextPreprocessing):
+        shape = (1, signature.preprocessing.max_length)
+        return [torch.ones(shape, dtype=torch.int64, device="meta")]
+    return [torch.empty(1, *signature.input_shape, device="meta")]
+
+
+def transformer_layers(num_layers: int, hidden_size: int, num_heads: int) -> list[FeatureLayer]:
+    """What a text feature method matches in a transformer encoder: ``hidden_states.<i>``
+    (``i = 0`` the embeddings' output, ``i`` layer ``i``'s), per token ``[hidden_size]``, and
+    ``attentions.<i>`` (layer ``i + 1``'s attention distributions), per query ``[num_heads]``
+    distributions over the keys. Named as ``transformers`` returns them."""
+    hidden = [
+        FeatureLayer(name=f"{HIDDEN_STATES}.{i}", shape=[hidden_size], kind=HIDDEN_STATES)
+        for i in range(num_layers + 1)
+    ]
+    attentions = [
+        FeatureLayer(name=f"{ATTENTIONS}.{i}", shape=[num_heads], kind=ATTENTIONS)
+        for i in range(num_layers)
+    ]
+    return hidden + attentions
+
+
 def feature_layers(spec: StudentSpecBase, signature: ModelSignature) -> list[FeatureLayer]:
     """Every layer's output shape (per sample) in the order the forward pass produces them,
-    except the last (the logits). Names are paths for ``build_model(...).get_submodule``."""
+    except the last (the logits). Names are paths for ``build_model(...).get_submodule``; a
+    transformer student's are its hidden states and attentions (``transformer_layers``); a
+    text CNN offers none."""
+    if isinstance(spec, TransformerSpec):
+        assert spec.hidden_size is not None and spec.num_heads is not None, "resolved"
+        return transformer_layers(spec.num_layers, spec.hidden_size, spec.num_heads)
+    if isinstance(spec, TextCnnSpec):
+        return []
     layers: dict[str, FeatureLayer] = {}
 
     def record(name: str, module: nn.Module, output: Any) -> None:
@@ -70,8 +103,9 @@ def feature_layers(spec: StudentSpecBase, signature: ModelSignature) -> list[Fea
 
 
 def input_bytes(signature: ModelSignature) -> int:
-    """Bytes of one float32 input sample of ``signature``."""
-    return math.prod(signature.input_shape) * FLOAT32_BYTES
+    """Bytes of one input sample of ``signature`` (text: ``max_length`` int64 tokens per
+    input)."""
+    return sum(t.numel() * t.element_size() for t in _example(signature))
 
 
 def activation_bytes(spec: StudentSpecBase, signature: ModelSignature) -> int:

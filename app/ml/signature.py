@@ -103,6 +103,7 @@ class TextPreprocessing(_Frozen):
     )
     max_length: int = Field(default=128, ge=2, le=8192)
     pad_token_id: int = Field(default=0, ge=0)
+    pairs: bool = Field(default=False, description="Records are sentence pairs (two texts).")
 
 
 class ColumnEncoder(_Frozen):
@@ -222,8 +223,8 @@ def check_compatible(model: ModelSignature, data: ModelSignature, *, field: str)
         raise SignatureMismatch(
             field, f"the teacher's task is {model.task}, the data's {data.task}"
         )
-    if isinstance(model.preprocessing, TextPreprocessing) or isinstance(
-        data.preprocessing, TextPreprocessing
+    if isinstance(model.preprocessing, TextPreprocessing) or any(
+        t.datatype == Datatype.BYTES for t in data.inputs
     ):
         _check_text(model, data, field)
     elif len(model.inputs) != len(data.inputs):

@@ -31,6 +31,20 @@ SEQUENCE = "sequence"
 TOKENIZER_FILE = "tokenizer.json"
 # Latency of text models is measured on records of this many tokens (stated in the result).
 LATENCY_TOKENS = 64
+# A transformer's layers as text feature methods name them (as `transformers` returns them).
+HIDDEN_STATES, ATTENTIONS = "hidden_states", "attentions"
+
+
+def layer_index(name: str) -> tuple[str, int]:
+    """``"hidden_states.3"`` -> ``("hidden_states", 3)``.
+
+    Raises:
+        ValueError: not ``hidden_states.<i>`` or ``attentions.<i>``.
+    """
+    kind, _, index = name.partition(".")
+    if kind not in (HIDDEN_STATES, ATTENTIONS) or not index.isdigit():
+        raise ValueError(f"{name!r} is not `{HIDDEN_STATES}.<i>` or `{ATTENTIONS}.<i>`")
+    return kind, int(index)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ import numpy as np
 import onnxruntime as ort
 
 from app.config import get_settings
-from app.ml.signature import ModelSignature
+from app.ml.signature import ModelSignature, TextPreprocessing
+from app.ml.text import INPUT_IDS
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,21 @@ class LoadedModel:
             samples += item.size
         return batch, False
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """The padding token of a text model (None: the model takes arrays)."""
+        preprocessing = self.signature.preprocessing
+        return preprocessing.pad_token_id if isinstance(preprocessing, TextPreprocessing) else None
+
+    def _padded(self, arrays: list[np.ndarray], name: str) -> list[np.ndarray]:
+        """Text inputs ``[batch, tokens]`` right-padded to the longest of ``arrays`` (ids with
+        the padding token, masks and segments with 0); anything else as it is."""
+        if self.pad_token_id is None:
+            return arrays
+        width = max(a.shape[1] for a in arrays)
+        value = self.pad_token_id if name == INPUT_IDS else 0
+        return [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value) for a in arrays]
+
     def _serve(self) -> None:
         stopping = False
         while not stopping:
@@ -165,10 +181,16 @@ class LoadedModel:
                 break
             assert isinstance(item, _Request)
             batch, stopping = self._gather(item)
-            # Requests of different per-sample shapes (symbolic dimensions) run separately.
+            # Requests of different per-sample shapes (symbolic dimensions) run separately, but
+            # text of any length runs together, padded (a text model gives each record the same
+            # scores whatever padding follows it).
             groups: dict[tuple[tuple[str, tuple[int, ...]], ...], list[_Request]] = {}
             for request in batch:
-                shape_key = tuple((k, v.shape[1:]) for k, v in sorted(request.inputs.items()))
+                shape_key = (
+                    ()
+                    if self.pad_token_id is not None
+                    else tuple((k, v.shape[1:]) for k, v in sorted(request.inputs.items()))
+                )
                 groups.setdefault(shape_key, []).append(request)
             for requests in groups.values():
                 self._run_group(requests)
@@ -179,7 +201,7 @@ class LoadedModel:
                 inputs = requests[0].inputs
             else:
                 inputs = {
-                    name: np.concatenate([r.inputs[name] for r in requests])
+                    name: np.concatenate(self._padded([r.inputs[name] for r in requests], name))
                     for name in requests[0].inputs
                 }
             logits = self.run(inputs)

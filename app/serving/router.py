@@ -7,6 +7,7 @@ from app.config import MIB
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 from app.errors import NotFound, problem_responses
 from app.ml.artifacts import FILENAMES, MEDIA_TYPES
+from app.ml.signature import TextPreprocessing
 from app.models import ArtifactFormat
 from app.serving import service
 from app.serving.engine import get_serving_engine, softmax
@@ -45,20 +46,26 @@ def download_artifact(
 )
 async def predict(settings: SettingsDep, job_id: str, body: PredictRequest) -> PredictResponse:
     """Classify a batch with the job's student, on the serving engine (onnxruntime, requests
-    to one student micro-batched together)."""
+    to one student micro-batched together). A text student takes strings (or `[text,
+    text_pair]` lists), tokenised with its tokenizer."""
     try:
         model = await service.resolve(job_id)
     except service.NoSuchJob as e:
         raise NotFound(f"No job with id {job_id}.") from e
     if model.job_id != job_id:  # an alias names the student in /v2, not the job here
         raise NotFound(f"No job with id {job_id}.")
-    batch = service.parse_inputs(body.inputs, model.signature, settings.max_predict_batch)
+    preprocessing = model.signature.preprocessing
+    if isinstance(preprocessing, TextPreprocessing):
+        texts, pairs = service.parse_texts(
+            body.inputs, preprocessing.pairs, settings.max_predict_batch
+        )
+        inputs = model.tokenize(texts, pairs)
+    else:
+        batch = service.parse_inputs(body.inputs, model.signature, settings.max_predict_batch)
+        inputs = {model.signature.inputs[0].name: batch}
     version = service.DEFAULT_VERSION
     logits = await get_serving_engine().infer(
-        model.key(version),
-        service.model_path(model, version),
-        model.signature,
-        {model.signature.inputs[0].name: batch},
+        model.key(version), service.model_path(model, version), model.signature, inputs
     )
     probabilities = softmax(logits)
     predictions = probabilities.argmax(axis=-1)

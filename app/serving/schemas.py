@@ -5,7 +5,8 @@ from pydantic import BaseModel, Field
 
 class PredictRequest(BaseModel):
     inputs: list[Any] = Field(
-        description="A batch of samples, each shaped like the student's input signature.",
+        description="A batch of samples, each shaped like the student's input signature; for "
+        'a text student, strings (or `["text", "text pair"]` lists for sentence pairs).',
         min_length=1,
     )
 

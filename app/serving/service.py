@@ -18,7 +18,8 @@ from app.dependencies import db_slot
 from app.errors import Conflict, InvalidInput, JobNotReady, NotFound
 from app.jobs.service import get_job
 from app.ml.artifacts import Manifest, read_manifest
-from app.ml.signature import ModelSignature
+from app.ml.signature import ModelSignature, TextPreprocessing
+from app.ml.text import TextTokenizer, text_records_signature
 from app.models import Artifact, ArtifactFormat, Job, JobStatus
 from app.storage import ArtifactStore, get_store
 
@@ -27,6 +28,8 @@ DEFAULT_VERSION = "1"
 VERSIONS = {DEFAULT_VERSION: ArtifactFormat.ONNX, "int8": ArtifactFormat.ONNX_INT8}
 ALIAS_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# The longest text `/predict` and `/v2` take, in characters (longer: a 4xx).
+MAX_TEXT_CHARS = 100_000
 # A name is looked up in the database at most this often per process (a serving process that
 # did not change an alias sees the change this late); aliases changed here are seen at once.
 RESOLVE_TTL_S = 1.0
@@ -50,16 +53,35 @@ def get_artifact(session: Session, job_id: str, artifact_format: ArtifactFormat)
 @dataclass(frozen=True)
 class ServedModel:
     """A succeeded job's student as served: ``paths`` maps each version it has to its ONNX
-    file."""
+    file; a text student has the ``tokenizer`` it was distilled with (its teacher's)."""
 
     job_id: str
     alias: str | None
     manifest: Manifest
     paths: dict[str, Path]
+    tokenizer: TextTokenizer | None = None
 
     @property
     def signature(self) -> ModelSignature:
+        """What the ONNX graph takes (for text: token ids)."""
         return self.manifest.signature
+
+    @property
+    def request_signature(self) -> ModelSignature:
+        """What a client sends: the graph's inputs, or for text the raw strings (``text``, and
+        ``text_pair`` for a student of sentence pairs), tokenised here."""
+        preprocessing = self.signature.preprocessing
+        if not isinstance(preprocessing, TextPreprocessing):
+            return self.signature
+        records = text_records_signature(1, pairs=preprocessing.pairs)
+        return self.signature.model_copy(update={"inputs": records.inputs})
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None) -> dict[str, np.ndarray]:
+        """Token ids for the graph, by input name, cut to the student's ``max_length`` exactly
+        as its training records were."""
+        assert self.tokenizer is not None
+        inputs, _ = self.tokenizer.encode(texts, pairs)
+        return inputs.feed([t.name for t in self.signature.inputs])
 
     @property
     def versions(self) -> list[str]:
@@ -78,6 +100,7 @@ class NoSuchJob(ModelNotFound):
 
 
 _manifests: dict[Path, Manifest] = {}
+_tokenizers: dict[Path, TextTokenizer] = {}
 _resolved: dict[str, tuple[float, ServedModel]] = {}
 _resolved_lock = threading.Lock()
 
@@ -87,6 +110,15 @@ def _manifest(path: Path) -> Manifest:
     if manifest is None:
         manifest = _manifests[path] = read_manifest(path.parent)
     return manifest
+
+
+def _tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:
+    tokenizer = _tokenizers.get(path)
+    if tokenizer is None:
+        preprocessing = manifest.signature.preprocessing
+        assert isinstance(preprocessing, TextPreprocessing)
+        tokenizer = _tokenizers[path] = TextTokenizer.from_file(path, preprocessing)
+    return tokenizer
 
 
 def find_served_model(session: Session, store: ArtifactStore, name: str) -> ServedModel:
@@ -110,7 +142,12 @@ def find_served_model(session: Session, store: ArtifactStore, name: str) -> Serv
         raise ModelNotFound(f"Job {job.id} has no ONNX student to serve.")
     paths = {v: Path(artifacts[f]) for v, f in VERSIONS.items() if f in artifacts}
     manifest = _manifest(Path(artifacts[ArtifactFormat.MANIFEST]))
-    return ServedModel(job.id, job.alias, manifest, paths)
+    tokenizer = None
+    if isinstance(manifest.signature.preprocessing, TextPreprocessing):
+        if ArtifactFormat.TOKENIZER not in artifacts:
+            raise ModelNotFound(f"Job {job.id}'s text student has no tokenizer to serve it with.")
+        tokenizer = _tokenizer(Path(artifacts[ArtifactFormat.TOKENIZER]), manifest)
+    return ServedModel(job.id, job.alias, manifest, paths, tokenizer)
 
 
 def _lookup(name: str) -> ServedModel:
@@ -183,6 +220,42 @@ def clear_alias(session: Session, job_id: str) -> Job:
     forget(job.alias, job_id)
     job.alias = None
     return job
+
+
+def parse_texts(
+    inputs: list[object], pairs: bool, max_batch: int
+) -> tuple[list[str], list[str] | None]:
+    """`/predict`'s JSON batch for a text student: strings, or for a student of sentence
+    pairs, ``[text, text_pair]`` lists; an empty string is a record like any other.
+
+    Raises:
+        InvalidInput: anything else, more than ``max_batch`` records, or a text longer than
+            ``MAX_TEXT_CHARS``.
+    """
+    if len(inputs) > max_batch:
+        raise InvalidInput(
+            f"At most {max_batch} samples per request; got {len(inputs)}.", field="inputs"
+        )
+    shape = '`["text", "text pair"]` lists' if pairs else "strings"
+    records: list[list[str]] = []
+    for item in inputs:
+        record = item if pairs else [item]
+        if not (
+            isinstance(record, list)
+            and len(record) == 1 + pairs
+            and all(isinstance(text, str) for text in record)
+        ):
+            raise InvalidInput(
+                f"This student takes text: `inputs` must be a list of {shape}.", field="inputs"
+            )
+        if max(len(text) for text in record) > MAX_TEXT_CHARS:
+            raise InvalidInput(
+                f"A text is longer than {MAX_TEXT_CHARS} characters.", field="inputs"
+            )
+        records.append(record)
+    texts = [record[0] for record in records]
+    second = [record[-1] for record in records]
+    return texts, second if pairs else None
 
 
 def parse_inputs(inputs: list[object], signature: ModelSignature, max_batch: int) -> np.ndarray:

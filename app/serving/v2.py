@@ -21,6 +21,7 @@ from app.config import MIB, Settings, get_settings
 from app.db import get_engine
 from app.errors import AppError
 from app.ml.signature import Datatype, ModelSignature
+from app.ml.text import TEXT, TEXT_PAIR
 from app.serving import service
 from app.serving.engine import get_serving_engine, softmax
 
@@ -161,7 +162,7 @@ def _metadata_shape(shape: list[int | str]) -> list[int]:
 
 def model_metadata(name: str, model: service.ServedModel, versions: list[str]) -> dict[str, Any]:
     """``$metadata_model_response`` of ``model`` asked for as ``name``."""
-    signature = model.signature
+    signature = model.request_signature
     scores = signature.scores
     outputs = [
         {"name": scores.name, "datatype": "FP32", "shape": _metadata_shape(list(scores.shape))},
@@ -226,6 +227,14 @@ def check_inputs(
             raise ProtocolError(400, f"Input '{name}' contains NaN or infinite values.")
         checked[name] = array
     return checked
+
+
+def _tokenize(model: service.ServedModel, texts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BYTES ``text`` (and ``text_pair``) tensors ``[batch]`` as the student's token ids."""
+    decoded = {name: [b.decode() for b in array.reshape(-1)] for name, array in texts.items()}
+    if any(len(t) > service.MAX_TEXT_CHARS for values in decoded.values() for t in values):
+        raise ProtocolError(400, f"A text is longer than {service.MAX_TEXT_CHARS} characters.")
+    return model.tokenize(decoded[TEXT], decoded.get(TEXT_PAIR))
 
 
 async def _served(name: str, version: str | None) -> tuple[service.ServedModel, str]:
@@ -328,7 +337,9 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
             if tensor.name in tensors:
                 raise ProtocolError(400, f"Input '{tensor.name}' is given twice.")
             tensors[tensor.name] = parse_tensor(tensor)
-        inputs = check_inputs(tensors, model.signature, settings.max_predict_batch)
+        inputs = check_inputs(tensors, model.request_signature, settings.max_predict_batch)
+        if model.tokenizer is not None:
+            inputs = _tokenize(model, inputs)
         scores = model.signature.scores.name
         available = [scores, PROBABILITIES]
         wanted = [o.name for o in body.outputs] if body.outputs else available

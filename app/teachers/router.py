@@ -3,7 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Response, UploadFile, status
 
 from app.dependencies import SessionDep, SettingsDep, StoreDep
-from app.errors import problem_responses
+from app.errors import InvalidInput, problem_responses
 from app.ml.signature import OutputKind
 from app.teachers import service
 from app.teachers.schemas import TeacherList, TeacherOut
@@ -15,13 +15,22 @@ router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=TeacherOut,
-    responses=problem_responses(415),
+    responses=problem_responses(413, 415),
 )
 def upload_teacher(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    file: UploadFile,
+    file: UploadFile | None = None,
+    reference: Annotated[
+        str | None,
+        Form(
+            max_length=512,
+            description="Instead of `file`: `hf:<owner>/<name>@<revision>`, a sequence "
+            "classifier on the Hugging Face Hub (its safetensors weights, config and tokenizer). "
+            "A `file` may also be a zip or tar.gz of a `save_pretrained` directory.",
+        ),
+    ] = None,
     name: Annotated[str | None, Form(max_length=255)] = None,
     config: Annotated[
         str | None, Form(description="JSON architecture config (safetensors only).")
@@ -50,20 +59,32 @@ def upload_teacher(
         ),
     ] = None,
 ) -> TeacherOut:
-    """Upload a teacher: an ONNX file, or safetensors weights with an architecture `config`."""
+    """Upload a teacher: ONNX, safetensors with a `config`, or a Hugging Face model."""
     declared = service.declarations(
         output=output, output_kind=output_kind, classes=classes, preprocessing=preprocessing
     )
-    upload = store.receive(file.file, max_bytes=settings.max_teacher_bytes)
-    teacher = service.create_teacher(
-        session,
-        store=store,
-        upload=upload,
-        filename=file.filename or "teacher",
-        name=name,
-        config=config,
-        declared=declared,
-    )
+    if file is not None and reference is None:
+        teacher = service.create_teacher(
+            session,
+            store=store,
+            upload=store.receive(file.file, max_bytes=settings.max_teacher_bytes),
+            filename=file.filename or "teacher",
+            name=name,
+            config=config,
+            declared=declared,
+        )
+    elif reference is not None and file is None:
+        teacher = service.create_teacher_from_reference(
+            session,
+            store=store,
+            reference=reference,
+            max_bytes=settings.max_teacher_bytes,
+            name=name,
+            config=config,
+            declared=declared,
+        )
+    else:
+        raise InvalidInput("Send either a teacher `file` or a `reference`.", field="file")
     return TeacherOut.model_validate(teacher)
 
 

@@ -1,18 +1,35 @@
+import fnmatch
 import json
+import re
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from app.ml.archives import zip_files
 from app.ml.signature import OutputKind, Preprocessing
 from app.ml.teacher_formats import TeacherDeclarations, inspect_teacher
+from app.ml.teacher_formats.huggingface import DISTILL_KEY
 from app.models import TERMINAL_STATUSES, Job, JobTeacher, Teacher
-from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback
+from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback, sha256_file
 
 CLASS_NAMES = TypeAdapter(list[str])
 PREPROCESSING: TypeAdapter[Preprocessing] = TypeAdapter(Preprocessing)
+# `hf:<owner>/<name>@<revision>`: a model on the Hugging Face Hub, at a branch, tag or commit
+# (default `main`). No `..` anywhere: the revision also names files in the local cache.
+HUB_REFERENCE = re.compile(
+    r"hf:(?P<repo_id>(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95})"
+    r"(?:@(?P<revision>[\w-][\w.-]{0,99}(?:/[\w-][\w.-]{0,99}){0,3}))?",
+    re.ASCII,
+)
+# What is fetched from a Hub repository: configs, safetensors weights and tokenizer files only
+# (never pickles, nor code).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
 def _json_field(adapter: TypeAdapter[object], text: str | None, field: str) -> object:
@@ -58,11 +75,19 @@ def create_teacher(
     name: str | None,
     config: str | None,
     declared: TeacherDeclarations,
+    source: dict[str, Any] | None = None,
 ) -> Teacher:
     """Inspect the staged upload, then keep it. The staged file is removed if this fails for
-    any reason, and the kept one if the request's transaction rolls back."""
+    any reason, and the kept one if the request's transaction rolls back. ``source``: where a
+    fetched teacher came from, recorded in its architecture (``distill.hub``)."""
     with store.holding(upload):
         info = inspect_teacher(upload.path, filename, config, declared)
+        architecture = info.architecture
+        if source is not None and architecture is not None:
+            architecture = {
+                **architecture,
+                DISTILL_KEY: {**architecture.get(DISTILL_KEY, {}), "hub": source},
+            }
         teacher = Teacher(
             name=(name or filename)[:255],
             format=info.format,
@@ -70,7 +95,7 @@ def create_teacher(
             size_bytes=upload.size_bytes,
             parameter_count=info.parameter_count,
             signature=info.signature.model_dump(mode="json"),
-            architecture=info.architecture,
+            architecture=architecture,
             feature_layers=[layer.model_dump() for layer in info.feature_layers],
             scores_choice=info.scores_choice.model_dump(),
             storage_key="",
@@ -81,6 +106,117 @@ def create_teacher(
         remove_on_rollback(session, store, keys.teacher_dir(teacher.id))
         store.adopt(upload.path, teacher.storage_key)
     return teacher
+
+
+def parse_hub_reference(reference: str) -> tuple[str, str]:
+    """``hf:<repo_id>@<revision>`` -> (repo id, revision; ``main`` when none is given).
+
+    Raises:
+        InvalidInput: not a reference of that form (422 on `reference`).
+    """
+    match = HUB_REFERENCE.fullmatch(reference)
+    if match is None or ".." in reference:
+        raise InvalidInput(
+            "`reference` must be `hf:<owner>/<name>@<revision>`, a Hugging Face Hub model at "
+            "a branch, tag or commit (e.g. `hf:distilbert/distilbert-base-uncased-finetuned-sst-2"
+            "-english@main`).",
+            field="reference",
+        )
+    return match["repo_id"], match["revision"] or "main"
+
+
+def _hub_snapshot(repo_id: str, revision: str, max_bytes: int) -> Path:
+    """The repository's configs, safetensors and tokenizer files at ``revision``, fetched into
+    the Hugging Face cache (``HF_HUB_CACHE``) unless already there (``HF_HUB_OFFLINE=1``: only
+    from there). Online, the files' sizes are checked first and the revision pinned to the
+    commit they belong to.
+
+    Raises:
+        PayloadTooLarge: more than ``max_bytes`` to fetch (413).
+        InvalidInput: the repository, revision or files cannot be had (422 on `reference`).
+    """
+    from huggingface_hub import is_offline_mode, snapshot_download
+
+    try:
+        if not is_offline_mode():
+            plan = snapshot_download(
+                repo_id, revision=revision, allow_patterns=HUB_FILES, dry_run=True
+            )
+            size = sum(f.file_size or 0 for f in plan)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"`{repo_id}` at `{revision}` holds {size} bytes of model files, more than "
+                    f"the limit of {max_bytes} bytes.",
+                    limit_bytes=max_bytes,
+                )
+            revision = plan[0].commit_hash if plan else revision
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except (OSError, ValueError) as e:  # huggingface_hub's errors are one or the other
+        raise InvalidInput(
+            f"`{repo_id}` at `{revision}` cannot be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}): check the repository and revision (private and gated "
+            "repositories are not supported).",
+            code="reference_unavailable",
+            field="reference",
+        ) from e
+
+
+def create_teacher_from_reference(
+    session: Session,
+    *,
+    store: ArtifactStore,
+    reference: str,
+    max_bytes: int,
+    name: str | None,
+    config: str | None,
+    declared: TeacherDeclarations,
+) -> Teacher:
+    """Fetch a Hugging Face Hub model (``hf:<repo_id>@<revision>``: safetensors only), zip it
+    into staging and keep it as an uploaded archive would be kept (``create_teacher``), with
+    its repository, revision, commit and each file's sha256 in its architecture.
+
+    Raises:
+        InvalidInput: a malformed or unavailable reference (422).
+        PayloadTooLarge: a model over ``max_bytes`` (413).
+        (and whatever ``create_teacher`` raises for the model itself)
+    """
+    repo_id, revision = parse_hub_reference(reference)
+    snapshot = _hub_snapshot(repo_id, revision, max_bytes)
+    commit = snapshot.name  # the cache keeps each snapshot in a folder named by its commit
+    # The cached snapshot may hold more than was fetched now (a pickle, code): only these go,
+    # matched as huggingface_hub matches `allow_patterns`.
+    names = sorted(
+        name
+        for name in (p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+        if any(fnmatch.fnmatch(name, pattern) for pattern in HUB_FILES)
+    )
+    files = {name: sha256_file(snapshot / name) for name in names}
+    store.staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=store.staging, suffix=".zip", delete=False) as staged:
+        path = Path(staged.name)
+    try:
+        zip_files(snapshot, list(files), path)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PayloadTooLarge(
+                f"`{reference}` zips to {size} bytes, more than the limit of {max_bytes} bytes.",
+                limit_bytes=max_bytes,
+            )
+        upload = StoredFile(path, sha256_file(path), size)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    source = {"repo_id": repo_id, "revision": revision, "commit": commit, "files": files}
+    return create_teacher(
+        session,
+        store=store,
+        upload=upload,
+        filename=f"{repo_id}@{commit}",
+        name=name or reference,
+        config=config,
+        declared=declared,
+        source=source,
+    )
 
 
 def get_teacher(session: Session, teacher_id: str) -> Teacher:

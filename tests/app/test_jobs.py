@@ -49,7 +49,7 @@ def test_defaults_fill_everything_but_teacher_dataset_student(
         ({"distillation": {"method": "kd", "temperature": 0}}, "distillation.kd.temperature"),
         ({"distillation": {"method": "kd", "alpha": 1.5}}, "distillation.kd.alpha"),
         ({"distillation": {"method": "magic"}}, "distillation"),
-        ({"student": {"architecture": "transformer"}}, "student"),
+        ({"student": {"architecture": "lstm"}}, "student"),
         ({"student": {"architecture": "mlp", "hidden_sizes": [0]}}, "student.mlp.hidden_sizes.0"),
         ({"training": {"epochs": 0}}, "training.epochs"),
         ({"training": {"batch_size": -1}}, "training.batch_size"),

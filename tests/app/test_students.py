@@ -2,7 +2,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ValidationError
 
-from app.ml.signature import Datatype, ModelSignature, TensorSpec
+from app.ml.signature import Datatype, ModelSignature, TensorSpec, TextPreprocessing
 from app.ml.students import (
     FAMILIES,
     CnnSpec,
@@ -15,8 +15,22 @@ from app.ml.students import (
     parameter_count,
     parse_spec,
 )
+from app.ml.text import text_model_signature
 
 DIGITS = ModelSignature.for_tensor((1, 8, 8), 10)
+TEXT = text_model_signature(10, preprocessing=TextPreprocessing(max_length=16), token_type_ids=True)
+# A Hugging Face teacher's config, as a text student resolves its spec from it.
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 50,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+    "type_vocab_size": 2,
+    "pad_token_id": 0,
+}
 
 
 def test_standardize_fits_per_channel_statistics() -> None:
@@ -99,11 +113,17 @@ def test_the_spec_union_is_the_registry() -> None:
         assert type(parsed) is family.spec
         assert family_of(parsed) is family
         assert parse_spec(parsed.model_dump()) == parsed
-        assert family.accepts(DIGITS) is None
-        model = family.apply_memory_format(build_model(parsed, DIGITS))
-        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+        text = family.accepts(DIGITS) is not None
+        assert family.accepts(TEXT if text else DIGITS) is None
+        if family.resolve is not None:
+            parsed = family.resolve(parsed, TINY_BERT)
+            assert parse_spec(parsed.model_dump()) == parsed
+        model = family.apply_memory_format(build_model(parsed, TEXT if text else DIGITS))
+        ids = torch.ones(2, 7, dtype=torch.int64)
+        inputs = (ids, ids, torch.zeros_like(ids)) if text else (torch.zeros(2, 1, 8, 8),)
+        assert model(*inputs).shape == (2, 10)
     with pytest.raises(ValidationError):
-        Job.model_validate({"student": {"architecture": "transformer"}})
+        Job.model_validate({"student": {"architecture": "lstm"}})
 
 
 def test_families_say_which_signatures_they_cannot_take() -> None:
@@ -114,6 +134,9 @@ def test_families_say_which_signatures_they_cannot_take() -> None:
     )
     assert FAMILIES["mlp"].accepts(flat) is None
     assert "[C, H, W]" in (FAMILIES["cnn"].accepts(flat) or "")
-    for family in FAMILIES.values():
-        assert "FP32" in (family.accepts(tokens) or "")
+    for name in ("mlp", "cnn"):
+        assert "FP32" in (FAMILIES[name].accepts(tokens) or "")
+    for name in ("transformer", "text_cnn"):
+        assert "text" in (FAMILIES[name].accepts(flat) or "")
+        assert FAMILIES[name].accepts(TEXT) is None
     assert FAMILIES["cnn"].memory_format == "channels_last"

@@ -2,44 +2,59 @@
 files, and twins in different formats are the same teacher."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from app.datasets.loading import load_builtin
+from app.ml.archives import SNIFF_BYTES
 from app.ml.signature import OutputKind
 from app.ml.teacher_formats import FORMATS, inspect_teacher
 from app.ml.teacher_formats.base import as_logits
+from app.ml.text import is_text
 from tests.helpers.teachers import TeacherFiles
+from tests.helpers.text_teachers import synthetic_sentiment
 
 
 def test_each_format_recognises_inspects_and_opens_its_files(
-    digits_teacher: TeacherFiles,
+    digits_teacher: TeacherFiles, text_teacher_zip: Path
 ) -> None:
+    """Contract: every registered format is found by sniffing in registry order, inspected and
+    opened, and its backend runs on the inputs its signature takes."""
     files = {
         "onnx": (digits_teacher.onnx, None),
         "safetensors": (digits_teacher.safetensors, json.dumps(digits_teacher.config)),
+        "huggingface": (text_teacher_zip, None),
     }
     assert set(FORMATS) == set(files)
-    x = load_builtin("builtin:digits").x_test
+    digits = load_builtin("builtin:digits")
+    texts, labels = synthetic_sentiment(100, 7)
     logits = {}
     for name, teacher_format in FORMATS.items():
         assert teacher_format.name == name
         path, config = files[name]
         info = inspect_teacher(path, path.name, config)
         assert info.format == name
-        assert info.signature.input_shape == (1, 8, 8) and info.signature.num_classes == 10
-        assert info.parameter_count == 64 * 64 + 64 + 64 * 10 + 10
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(SNIFF_BYTES)
         first_match = next(f for f in FORMATS.values() if f.sniff(head, path.stat().st_size))
         assert first_match is teacher_format  # the registry order finds each format
         backend = teacher_format.open(path, info.signature, info.architecture, torch.device("cpu"))
-        logits[name] = backend.logits(x, batch_size=100)
-        assert logits[name].shape == (len(x), 10) and logits[name].dtype == np.float32
+        if is_text(info.signature):
+            assert backend.tokenizer is not None
+            inputs, _ = backend.tokenizer.encode(texts)
+            scores = backend.logits(inputs, batch_size=16)
+            assert scores.shape == (100, 2) and (scores.argmax(1) == labels).mean() > 0.9
+        else:
+            assert info.signature.input_shape == (1, 8, 8) and info.signature.num_classes == 10
+            assert info.parameter_count == 64 * 64 + 64 + 64 * 10 + 10
+            logits[name] = backend.logits(digits.x_test, batch_size=100)
+            assert logits[name].shape == (len(digits.x_test), 10)
+            assert logits[name].dtype == np.float32
         assert backend.latency_ms() > 0
     np.testing.assert_allclose(logits["onnx"], logits["safetensors"], atol=1e-4)
-    accuracy = (logits["onnx"].argmax(1) == load_builtin("builtin:digits").y_test).mean()
+    accuracy = (logits["onnx"].argmax(1) == digits.y_test).mean()
     assert accuracy == digits_teacher.test_accuracy
 
 

@@ -15,11 +15,13 @@ from torch import nn
 
 from app.jobs.methods import (
     DIST,
+    AttentionKL,
     AttentionTransfer,
     DecoupledKD,
     FitNets,
     ForwardKL,
     GeneralizedJSD,
+    HiddenStates,
     KnowledgeDistillation,
     LogitMSE,
     MethodConfig,
@@ -40,6 +42,7 @@ from worker.losses.features import (
 )
 from worker.losses.kd import KDLoss
 from worker.losses.logit import DISTLoss, DKDLoss, LogitMSELoss, StandardizedKDLoss
+from worker.losses.text_features import AttentionKLLoss, HiddenStateLoss
 from worker.losses.token import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss
 
 FeatureShapes = list[tuple[Shape, Shape]]
@@ -171,3 +174,16 @@ def _sp(c: SimilarityPreserving, shapes: FeatureShapes) -> nn.Module:
 def _rkd(c: RelationalKD, shapes: FeatureShapes) -> nn.Module:
     criterion = RKDLoss(distance_weight=c.distance_weight, angle_weight=c.angle_weight)
     return FeatureKD(criterion, temperature=c.temperature, alpha=c.alpha)
+
+
+@register_feature(HiddenStates)
+def _hidden_states(c: HiddenStates, shapes: FeatureShapes) -> nn.Module:
+    # Per-token widths: the adapters map the student's hidden size to the teacher's.
+    widths = [(student[-1], teacher[-1]) for student, teacher in shapes]
+    criterion = HiddenStateLoss(widths, weight=c.weight)
+    return FeatureKD(criterion, temperature=c.temperature, alpha=c.alpha)
+
+
+@register_feature(AttentionKL)
+def _attention_kl(c: AttentionKL, shapes: FeatureShapes) -> nn.Module:
+    return FeatureKD(AttentionKLLoss(weight=c.weight), temperature=c.temperature, alpha=c.alpha)

@@ -271,7 +271,10 @@ class FeatureKD(nn.Module):
         labels: torch.Tensor,
         student_features: list[torch.Tensor],
         teacher_features: list[torch.Tensor],
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Terms]:
+        """``mask`` ``[B, L]``: text records' real tokens, for a criterion over tokens."""
         logit_total, logit_terms = self.logit_loss(student_logits, teacher_logits, labels)
-        feature_total, feature_terms = self.criterion(student_features, teacher_features)
+        masked = () if mask is None else (mask,)
+        feature_total, feature_terms = self.criterion(student_features, teacher_features, *masked)
         return logit_total + feature_total, {**logit_terms, **feature_terms}

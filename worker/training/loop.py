@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -13,8 +14,15 @@ import torch
 from torch import nn
 
 from app.jobs.schemas import Training
-from app.ml.hooks import FeatureTap
+from app.ml.hooks import FeatureTap, TransformerTap
+from app.ml.text import ATTENTION_MASK
 from worker.evaluation import logit_metrics
+
+# Length-grouped batches (text) are drawn from windows of this many batches of a random order,
+# sorted by length within each window: batches of similar lengths, still shuffled.
+LENGTH_GROUP_BATCHES = 50
+# Records per forward pass when a text model is evaluated.
+TEXT_BATCH = 128
 
 
 class Callbacks(Protocol):
@@ -37,7 +45,9 @@ class Batch:
     signature's order), labels ``[N]``, an optional padding ``mask`` (token methods), the
     teacher's logits ``[N, classes]`` and, for feature methods, its hooked outputs ``[N, ...]``.
 
-    A whole split is one ``Batch``; indexing it with sample indices gives a mini-batch.
+    A whole split is one ``Batch``; indexing it with sample indices gives a mini-batch. Text
+    inputs (an ``attention_mask`` among them, ``[N, tokens]``) are trimmed to the longest
+    record of the mini-batch: dynamic padding.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -50,8 +60,12 @@ class Batch:
         return len(self.labels)
 
     def __getitem__(self, idx: torch.Tensor) -> "Batch":
+        inputs = {name: x[idx] for name, x in self.inputs.items()}
+        if ATTENTION_MASK in inputs:
+            width = max(1, int(inputs[ATTENTION_MASK].sum(dim=1).max().item()))
+            inputs = {name: x[:, :width] for name, x in inputs.items()}
         return Batch(
-            inputs={name: x[idx] for name, x in self.inputs.items()},
+            inputs=inputs,
             labels=self.labels[idx],
             teacher_logits=self.teacher_logits[idx],
             teacher_features=tuple(f[idx] for f in self.teacher_features),
@@ -63,6 +77,26 @@ class Batch:
         """The single input of a one-input signature."""
         (x,) = self.inputs.values()
         return x
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """Real tokens per record ``[N]`` for text inputs, else None."""
+        mask = self.inputs.get(ATTENTION_MASK)
+        return None if mask is None else mask.sum(dim=1)
+
+
+def length_grouped_order(
+    lengths: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A random order of the records in which consecutive ``batch_size`` records have similar
+    lengths: a random permutation, cut into windows of ``LENGTH_GROUP_BATCHES`` batches, each
+    sorted by length, longest first (as Hugging Face's ``LengthGroupedSampler``). With dynamic
+    padding, a batch then holds little padding."""
+    order = torch.randperm(len(lengths), generator=generator)
+    window = batch_size * LENGTH_GROUP_BATCHES
+    chunks = [order[i : i + window] for i in range(0, len(order), window)]
+    lengths = lengths.cpu()
+    return torch.cat([c[torch.argsort(lengths[c], descending=True, stable=True)] for c in chunks])
 
 
 @dataclass
@@ -111,9 +145,28 @@ def learning_rate(training: Training, step: int, total_steps: int, steps_per_epo
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, split: Batch | torch.Tensor, batch_size: int = 4096
+) -> torch.Tensor:
+    """The model's logits ``[N, classes]`` on every record of ``split`` (a tensor: the single
+    input), in eval mode; text in batches of records of similar lengths (``TEXT_BATCH`` each),
+    padded to their longest."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    lengths = None if isinstance(split, torch.Tensor) else split.lengths
+    if lengths is None:
+        x = split if isinstance(split, torch.Tensor) else split.x
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    order = torch.argsort(lengths.cpu(), stable=True).to(lengths.device)
+    logits: torch.Tensor | None = None
+    for i in range(0, len(order), TEXT_BATCH):
+        rows = order[i : i + TEXT_BATCH]
+        assert isinstance(split, Batch)
+        output = model(*split[rows].inputs.values())
+        if logits is None:
+            logits = output.new_empty((len(order), output.shape[1]))
+        logits[rows] = output
+    assert logits is not None
+    return logits
 
 
 def train(
@@ -126,11 +179,14 @@ def train(
     *,
     resume: LoopState | None = None,
     autocast_dtype: torch.dtype | None = None,
-    student_tap: FeatureTap | None = None,
+    student_tap: FeatureTap | TransformerTap | None = None,
+    teacher_tap: Callable[[Batch], list[torch.Tensor]] | None = None,
 ) -> LoopOutcome:
     """Minimise ``loss_fn(student_logits, teacher_logits, labels)``; with a ``student_tap``
-    (feature methods), ``loss_fn(..., student_features, teacher_features)``, training the loss's
-    own parameters (adapters) with the student."""
+    (feature methods), ``loss_fn(..., student_features, teacher_features)`` (and, for text, the
+    batch's attention mask), training the loss's own parameters (adapters) with the student.
+    Teacher features come with the batch, or from ``teacher_tap`` run on every batch (text:
+    per-token outputs are too large to keep)."""
     device = train_split.labels.device
     parameters = [*student.parameters(), *loss_fn.parameters()]
     optimizer = make_optimizer(parameters, training)
@@ -164,7 +220,12 @@ def train(
         student.train()
         started = time.perf_counter()
         # Batches by indexing one permutation of the in-memory tensors: no per-sample Python.
-        order = torch.randperm(n, generator=generator).to(device)
+        lengths = train_split.lengths
+        order = (
+            torch.randperm(n, generator=generator)
+            if lengths is None
+            else length_grouped_order(lengths, training.batch_size, generator)
+        ).to(device)
         totals: torch.Tensor | None = None
         term_names: list[str] = []
         for step in range(steps_per_epoch):
@@ -181,10 +242,15 @@ def train(
                 if student_tap is None:
                     logits, features = forward(*batch.inputs.values()), None
                 else:
-                    logits, features = student_tap(batch.x, forward)
-            inputs = [logits, batch.teacher_logits, batch.labels]
+                    logits, features = student_tap(*batch.inputs.values(), model=forward)
+                teacher_features = (
+                    list(batch.teacher_features) if teacher_tap is None else teacher_tap(batch)
+                )
+            inputs: list[object] = [logits, batch.teacher_logits, batch.labels]
             if features is not None:
-                inputs += [features, list(batch.teacher_features)]
+                inputs += [features, teacher_features]
+                if ATTENTION_MASK in batch.inputs:
+                    inputs.append(batch.inputs[ATTENTION_MASK])
             loss, terms = loss_fn(*inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,7 +265,7 @@ def train(
 
         seconds = time.perf_counter() - started
         val = logit_metrics(
-            predict_logits(student, val_split.x), val_split.teacher_logits, val_split.labels
+            predict_logits(student, val_split), val_split.teacher_logits, val_split.labels
         )
         assert totals is not None
         means = (totals / steps_per_epoch).tolist()

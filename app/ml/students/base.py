@@ -2,13 +2,13 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from app.ml.signature import Datatype, ModelSignature
+from app.ml.signature import Datatype, ModelSignature, TextPreprocessing
 
 Width = Annotated[int, Field(ge=1, le=16_384)]
 
@@ -31,7 +31,10 @@ class StudentFamily(Generic[SpecT]):
     signatures it accepts, and the memory format it trains fastest in.
 
     ``accepts`` returns None when the family can take the signature, else the reason it cannot.
-    Export needs nothing per family: every student is exported to ONNX from its signature.
+    ``resolve`` (families built from their teacher: text students) settles at submission what
+    the spec takes from the teacher's ``architecture`` (its config), raising ``ValueError`` with
+    the reason when it cannot. Export needs nothing per family: every student is exported to
+    ONNX from its signature.
     """
 
     name: str
@@ -39,6 +42,7 @@ class StudentFamily(Generic[SpecT]):
     build: Callable[[SpecT, ModelSignature], nn.Module]
     accepts: Callable[[ModelSignature], str | None]
     memory_format: MemoryFormat = "contiguous"
+    resolve: Callable[[SpecT, dict[str, Any] | None], SpecT] | None = None
 
     def apply_memory_format(self, model: nn.Module) -> nn.Module:
         if self.memory_format == "channels_last":
@@ -49,6 +53,8 @@ class StudentFamily(Generic[SpecT]):
 
 def one_float_tensor(signature: ModelSignature, rank: int | None = None) -> str | None:
     """None if the signature is one FP32 input of fixed shape (of ``rank`` dims, if given)."""
+    if isinstance(signature.preprocessing, TextPreprocessing):
+        return "it takes one FP32 tensor, not tokenised text: use a `transformer` or `text_cnn`"
     if len(signature.inputs) != 1 or signature.inputs[0].datatype != Datatype.FP32:
         return f"it takes one FP32 tensor; these inputs are {signature.describe_inputs()}"
     shape = signature.inputs[0].static_shape

@@ -2,13 +2,15 @@
 
 An upload is first checked for what Distill never loads (pickles, ``torch.save`` and
 TorchScript archives: they run code), then given to the first format whose ``sniff`` recognises
-it, in registry order.
+it, in registry order. Any other zip or tar archive is a Hugging Face model directory, or refused.
 """
 
 import zipfile
 from pathlib import Path
 
-from app.errors import PickleRefused, UnsupportedFormat
+from app.errors import InvalidModel, PickleRefused, UnsupportedFormat
+from app.ml.archives import SNIFF_BYTES, archive_kind, zip_directory_size
+from app.ml.signature import TextPreprocessing
 from app.ml.teacher_formats.base import (
     ScoresChoice,
     TeacherBackend,
@@ -17,11 +19,12 @@ from app.ml.teacher_formats.base import (
     TeacherInfo,
     apply_declarations,
 )
+from app.ml.teacher_formats.huggingface import HUGGINGFACE, position_limit
 from app.ml.teacher_formats.onnx import ONNX
 from app.ml.teacher_formats.safetensors import SAFETENSORS
 
 # In sniffing order: ONNX has no magic bytes, so it comes last.
-FORMATS: dict[str, TeacherFormat] = {f.name: f for f in (SAFETENSORS, ONNX)}
+FORMATS: dict[str, TeacherFormat] = {f.name: f for f in (SAFETENSORS, HUGGINGFACE, ONNX)}
 
 __all__ = [
     "FORMATS",
@@ -43,6 +46,8 @@ EXPORT_HELP = (
     "`config` describing the architecture."
 )
 PICKLE_PROTOCOL_OPCODE = 0x80
+# A zip's central directory is listed to find a checkpoint's pickle up to this size.
+MAX_LISTED_BYTES = 16 << 20
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 
 
@@ -51,9 +56,13 @@ def _zip_kind(path: Path) -> str | None:
     if not zipfile.is_zipfile(path):
         return None
     try:
+        # A directory too large to list is no checkpoint: it is left to the archive's own checks
+        # (which refuse it) rather than parsed here.
+        if zip_directory_size(path)[1] > MAX_LISTED_BYTES:
+            return "other"
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, InvalidModel):  # (no end record zip_directory_size can read)
         return "other"
     if any(n.startswith("code/") or "/code/" in n for n in names):
         return "torchscript"
@@ -77,8 +86,37 @@ def _refuse_code(path: Path, filename: str, head: bytes) -> None:
             f"`{filename}` is a TorchScript archive: it is code, and Distill does not run uploaded "
             f"code. {EXPORT_HELP}"
         )
-    if zip_kind == "other":
+    if zip_kind == "other" and archive_kind(head) is None:  # (a zip behind other bytes)
         raise UnsupportedFormat(f"`{filename}` is a zip archive, not a model. {EXPORT_HELP}")
+
+
+def _text_declarations(info: TeacherInfo, declared: TeacherDeclarations) -> TeacherDeclarations:
+    """A declared text preprocessing changes only the fields the uploader set (`max_length`,
+    say): the tokenizer and padding inspection found stay.
+
+    Raises:
+        InvalidModel: preprocessing of another kind for a text teacher, or a `max_length` past
+            the model's position embeddings.
+    """
+    found, given = info.signature.preprocessing, declared.preprocessing
+    if not isinstance(found, TextPreprocessing) or given is None:
+        return declared
+    if not isinstance(given, TextPreprocessing):
+        raise InvalidModel(
+            f"This teacher takes text: its `preprocessing` is of kind `text`, not `{given.kind}`.",
+            field="preprocessing",
+        )
+    merged = found.model_copy(
+        update={name: getattr(given, name) for name in given.model_fields_set}
+    )
+    positions = position_limit(info.architecture)
+    if positions is not None and merged.max_length > positions:
+        raise InvalidModel(
+            f"`preprocessing.max_length` {merged.max_length} is more than the {positions} "
+            "tokens the model's position embeddings take.",
+            field="preprocessing",
+        )
+    return declared.model_copy(update={"preprocessing": merged})
 
 
 def inspect_teacher(
@@ -88,15 +126,15 @@ def inspect_teacher(
     declared: TeacherDeclarations | None = None,
 ) -> TeacherInfo:
     """Recognise and check an uploaded teacher without running its code in this process (an
-    ONNX graph's trial inference runs in a separate, limited process), then
-    choose its class scores and record what the uploader ``declared``.
+    ONNX graph's trial inference, and a Hugging Face model's, run in a separate, limited
+    process), then choose its class scores and record what the uploader ``declared``.
 
     Raises:
         PickleRefused, UnsupportedFormat: 415, with how to export instead.
         InvalidModel: 422, the file, its ``config`` or a declaration cannot be used.
     """
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(SNIFF_BYTES)
     size = path.stat().st_size
     _refuse_code(path, filename, head)
     teacher_format = next(f for f in FORMATS.values() if f.sniff(head, size))
@@ -106,4 +144,5 @@ def inspect_teacher(
             f"pickle, which Distill never loads. {EXPORT_HELP}"
         )
     info = teacher_format.inspect(path, filename, config)
-    return apply_declarations(info, declared or TeacherDeclarations())
+    declared = _text_declarations(info, declared or TeacherDeclarations())
+    return apply_declarations(info, declared)

@@ -19,6 +19,10 @@ from app.ml.signature import (
     OutputKind,
     OutputSpec,
 )
+from app.ml.text import TextTokenizer, TokenizedInputs
+
+# What a teacher runs on: a float array ``[N, *input_shape]``, or tokenised text records.
+ModelInputs = np.ndarray | TokenizedInputs
 
 OnBatch = Callable[[], None] | None
 # Teacher passes run in batches of this many samples. On CPU, a convolutional teacher runs 4x
@@ -188,9 +192,10 @@ def apply_declarations(info: TeacherInfo, declared: TeacherDeclarations) -> Teac
 
 
 class TeacherBackend(ABC):
-    """A loaded teacher, frozen (eval mode, no gradients), run on float32 numpy inputs
-    ``[N, *input_shape]`` in batches. A format implements ``run`` (one batch) and
-    ``latency_ms``; ``on_batch`` runs before every batch (the worker's heartbeat on long
+    """A loaded teacher, frozen (eval mode, no gradients), run in batches on float32 numpy
+    inputs ``[N, *input_shape]`` or on tokenised text (``TokenizedInputs``: batches of records
+    of similar length, each padded only to its longest). A format implements ``run`` (one batch)
+    and ``latency_ms``; ``on_batch`` runs before every batch (the worker's heartbeat on long
     passes)."""
 
     signature: ModelSignature
@@ -198,30 +203,44 @@ class TeacherBackend(ABC):
     # run then gets exactly this many samples, the last batch padded.
     fixed_batch: int | None = None
 
+    @property
+    def tokenizer(self) -> TextTokenizer | None:
+        """How a text teacher's records are tokenised (None: the teacher takes arrays)."""
+        return None
+
     @abstractmethod
-    def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+    def run(self, batch: ModelInputs, names: list[str] | None) -> list[np.ndarray]:
         """One batch's class scores (``names`` None: a one-element list), or its outputs at
         ``names`` (``feature_layers`` names)."""
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The teacher's parameters by name (a text student starts from them).
+
+        Raises:
+            NotImplementedError: a format whose weights a student cannot take.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not give its weights")
+
     @abstractmethod
-    def latency_ms(self) -> float:
-        """Median single-sample latency on onnxruntime, one CPU thread (as students are timed)."""
+    def latency_ms(self, batch: int = 1) -> float:
+        """Median latency of ``batch`` samples on onnxruntime, one CPU thread (as students are
+        timed: ``app.ml.onnx_io.onnx_latency_ms``)."""
 
     def scores(
-        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
+        self, x: ModelInputs, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
     ) -> np.ndarray:
         """The class scores ``[N, classes]`` as the teacher returns them, as float32."""
         return self._batched(x, None, batch_size, on_batch)[0]
 
     def logits(
-        self, x: np.ndarray, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
+        self, x: ModelInputs, batch_size: int = BATCH_SIZE, on_batch: OnBatch = None
     ) -> np.ndarray:
         """Logits ``[N, classes]`` float32, whatever kind of scores the teacher returns."""
         return as_logits(self.scores(x, batch_size, on_batch), self.signature.scores.kind)
 
     def features(
         self,
-        x: np.ndarray,
+        x: ModelInputs,
         names: list[str],
         batch_size: int = BATCH_SIZE,
         on_batch: OnBatch = None,
@@ -230,10 +249,12 @@ class TeacherBackend(ABC):
         return self._batched(x, names, batch_size, on_batch)
 
     def _batched(
-        self, x: np.ndarray, names: list[str] | None, batch_size: int, on_batch: OnBatch
+        self, x: ModelInputs, names: list[str] | None, batch_size: int, on_batch: OnBatch
     ) -> list[np.ndarray]:
         """``run`` over ``x`` in batches, its outputs written into float32 arrays allocated once
         (a feature method's can be the job's largest)."""
+        if isinstance(x, TokenizedInputs):
+            return self._batched_text(x, names, batch_size, on_batch)
         arrays: list[np.ndarray] = []
         batch_size = self.fixed_batch or batch_size
         for start in range(0, len(x), batch_size):
@@ -251,6 +272,34 @@ class TeacherBackend(ABC):
                 array[start : start + len(output)] = output
         return arrays
 
+    def _batched_text(
+        self, x: TokenizedInputs, names: list[str] | None, batch_size: int, on_batch: OnBatch
+    ) -> list[np.ndarray]:
+        """``run`` over records sorted by length, so each batch is padded only to its own
+        longest record (most of a teacher pass's time is spent on padding otherwise); outputs
+        go back to the records' order. Per-token outputs ``[batch, tokens, ...]`` are padded
+        with zeros to the longest record of ``x``."""
+        order = np.argsort(x.lengths, kind="stable")
+        arrays: list[np.ndarray] = []
+        for start in range(0, len(x), batch_size):
+            if on_batch is not None:
+                on_batch()
+            rows = order[start : start + batch_size]
+            outputs = self.run(x[rows], names)
+            if not arrays:
+                # Per record: the scores, or per-token outputs padded to the longest record.
+                shapes = [
+                    o.shape[1:] if o.ndim == 2 else (x.input_ids.shape[1], *o.shape[2:])
+                    for o in outputs
+                ]
+                arrays = [np.zeros((len(x), *shape), np.float32) for shape in shapes]
+            for array, output in zip(arrays, outputs, strict=True):
+                if output.ndim == 2:
+                    array[rows] = output
+                else:
+                    array[rows, : output.shape[1]] = output
+        return arrays
+
 
 class TeacherFormat(Protocol):
     """One teacher file format: recognise it, inspect it into a signature, open it."""
@@ -258,8 +307,8 @@ class TeacherFormat(Protocol):
     name: str
 
     def sniff(self, head: bytes, size: int) -> bool:
-        """Does a file starting with ``head`` (its first 16 bytes) of ``size`` bytes look like
-        this format?"""
+        """Does a file starting with ``head`` (its first ``SNIFF_BYTES``: 262, since a tar
+        names itself at byte 257) of ``size`` bytes look like this format?"""
         ...
 
     def inspect(self, path: Path, filename: str, config: str | None) -> TeacherInfo:

@@ -31,7 +31,12 @@ from app.ml.sandbox import (
     run_isolated,
 )
 from app.ml.signature import MAX_RANK, Datatype, ModelSignature, OutputSpec, TensorSpec
-from app.ml.teacher_formats.base import ScoresChoice, TeacherBackend, TeacherInfo
+from app.ml.teacher_formats.base import (
+    ModelInputs,
+    ScoresChoice,
+    TeacherBackend,
+    TeacherInfo,
+)
 from app.ml.teacher_formats.onnx_errors import explain_load_error, explain_parse_error
 
 if TYPE_CHECKING:
@@ -159,12 +164,13 @@ class OnnxTeacher(TeacherBackend):
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.input_name, self.input_dtype, self.fixed_batch = onnx_input(self.session)
 
-    def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+    def run(self, batch: ModelInputs, names: list[str] | None) -> list[np.ndarray]:
+        assert isinstance(batch, np.ndarray)  # text ONNX teachers are not supported yet
         feed = {self.input_name: batch.astype(self.input_dtype, copy=False)}
         return list(self.session.run(names or [self.signature.scores.name], feed))
 
-    def latency_ms(self) -> float:
-        return onnx_latency_ms(self.path, self.signature)
+    def latency_ms(self, batch: int = 1) -> float:
+        return onnx_latency_ms(self.path, self.signature, batch=batch)
 
 
 class OnnxFormat:

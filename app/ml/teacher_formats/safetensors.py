@@ -24,7 +24,12 @@ from app.ml.students import (
     family_of,
     parameter_count,
 )
-from app.ml.teacher_formats.base import ScoresChoice, TeacherBackend, TeacherInfo
+from app.ml.teacher_formats.base import (
+    ModelInputs,
+    ScoresChoice,
+    TeacherBackend,
+    TeacherInfo,
+)
 
 MAX_HEADER = 100 * 1024 * 1024
 CONFIG_HELP = (
@@ -79,7 +84,8 @@ class TorchTeacher(TeacherBackend):
         self.model = model.eval().requires_grad_(False).to(device)
         self.signature, self.device = signature, device
 
-    def run(self, batch: np.ndarray, names: list[str] | None) -> list[np.ndarray]:
+    def run(self, batch: ModelInputs, names: list[str] | None) -> list[np.ndarray]:
+        assert isinstance(batch, np.ndarray)  # safetensors teachers take float tensors
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device)
             if names is None:
@@ -92,11 +98,11 @@ class TorchTeacher(TeacherBackend):
                     tap.remove()
         return [t.float().cpu().numpy() for t in outputs]
 
-    def latency_ms(self) -> float:
+    def latency_ms(self, batch: int = 1) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "teacher.onnx"
             export_onnx(self.model, self.signature, path)
-            latency = onnx_latency_ms(path, self.signature)
+            latency = onnx_latency_ms(path, self.signature, batch=batch)
         self.model.to(self.device)  # the export moved it to the CPU
         return latency
 
