@@ -58,7 +58,7 @@ from worker.quantize import int8_student
 from worker.teacher_cache import cache_key, cached_teacher_logits
 from worker.teachers import TeacherRecord, ensemble_logits
 from worker.text_data import cached_tokenize_records
-from worker.text_init import init_from_teacher
+from worker.text_init import init_from_teacher, needs_teacher_weights
 from worker.training.loop import Batch, LoopOutcome, LoopState, predict_logits, train
 
 log = logging.getLogger(__name__)
@@ -373,9 +373,9 @@ class DistillationRecipe:
         )
         self.student_init = None
         if text:
-            self.student_init = init_from_teacher(
-                student, self.spec.student, self.backends[0].weights()
-            )
+            # (a student started at random reads no weights: an ONNX teacher has none to give)
+            weights = self.backends[0].weights() if needs_teacher_weights(self.spec.student) else {}
+            self.student_init = init_from_teacher(student, self.spec.student, weights)
         student = student.to(self.inputs.device)
         family_of(self.spec.student).apply_memory_format(student)
         return student

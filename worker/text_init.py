@@ -41,6 +41,13 @@ def _copy_transformer(
     )
 
 
+def needs_teacher_weights(spec: StudentSpecBase) -> bool:
+    """Does ``spec.init`` copy from the teacher (an ONNX teacher has no weights to give)?"""
+    return (isinstance(spec, TransformerSpec) and spec.init == "teacher_layers") or (
+        isinstance(spec, TextCnnSpec) and spec.init == "teacher_embeddings"
+    )
+
+
 @torch.no_grad()
 def init_from_teacher(
     student: nn.Module, spec: StudentSpecBase, teacher: dict[str, torch.Tensor]

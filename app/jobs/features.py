@@ -17,6 +17,7 @@ from app.jobs.methods import (
 from app.ml.layers import FeatureLayer, feature_layers, last_feature_map, transformer_layers
 from app.ml.signature import ModelSignature
 from app.ml.students import StudentSpecBase, TransformerSpec
+from app.ml.students.transformer import runs_on_onnx
 from app.ml.teacher_formats.onnx import ONNX
 from app.ml.text import ATTENTIONS, HIDDEN_STATES
 from app.models import Teacher
@@ -153,10 +154,17 @@ def resolve_text_layer_pairs(
     transformer student: defaults filled, names and shapes checked.
 
     Raises:
-        InvalidSpec: another teacher or student, an unknown layer, a pair of the wrong kind,
-            attention pairs with different head counts.
+        InvalidSpec: another teacher (an ONNX one has no layers) or student, an unknown layer,
+            a pair of the wrong kind, attention pairs with different head counts.
     """
     config = teacher.architecture or {}
+    if runs_on_onnx(config):
+        raise InvalidSpec(
+            f"`{method.method}` matches the teacher's hidden states or attentions, which an ONNX "
+            "teacher does not give (its graph returns the logits only): use a logit method "
+            "(e.g. `kd`), or upload the teacher as `save_pretrained` writes it (safetensors).",
+            field="distillation.method",
+        )
     if "num_hidden_layers" not in config:
         raise InvalidSpec(
             f"`{method.method}` matches a transformer's layers: use a Hugging Face teacher.",

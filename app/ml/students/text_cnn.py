@@ -16,13 +16,15 @@ from torch import Tensor, nn
 
 from app.ml.signature import ModelSignature
 from app.ml.students.base import StudentFamily, StudentSpecBase, Width, classifier_head
+from app.ml.students.transformer import NO_WEIGHTS, runs_on_onnx
 from app.ml.text import is_text
 
 
 class TextCnnSpec(StudentSpecBase):
     """Embeddings of ``embedding_dim`` (default: the teacher's hidden size, initialised from the
     teacher's word embeddings), ``channels`` filters per kernel size, max over tokens, then an
-    MLP head. ``vocab_size`` is set at submission from the teacher's tokenizer."""
+    MLP head (random embeddings from an ONNX teacher, which gives no weights). ``vocab_size`` is
+    set at submission from the teacher's tokenizer."""
 
     architecture: Literal["text_cnn"] = "text_cnn"
     embedding_dim: Width | None = None
@@ -97,11 +99,18 @@ def resolve(spec: TextCnnSpec, teacher_config: dict[str, Any] | None) -> TextCnn
     """
     if teacher_config is None or "vocab_size" not in teacher_config:
         raise ValueError(
-            "a text_cnn student shares its teacher's vocabulary: use a Hugging Face teacher"
+            "a text_cnn student shares its teacher's vocabulary: use a Hugging Face teacher "
+            "(with its `config.json`)"
+        )
+    onnx = runs_on_onnx(teacher_config)
+    if onnx and spec.init == "teacher_embeddings":
+        raise ValueError(
+            f"init `teacher_embeddings` copies the teacher's word embeddings, but {NO_WEIGHTS}: "
+            "use init `random`"
         )
     hidden = int(teacher_config.get("embedding_size") or teacher_config["hidden_size"])
     dim = spec.embedding_dim or hidden
-    init = spec.init or ("teacher_embeddings" if dim == hidden else "random")
+    init = spec.init or ("teacher_embeddings" if dim == hidden and not onnx else "random")
     if init == "teacher_embeddings" and dim != hidden:
         raise ValueError(
             f"init `teacher_embeddings` needs embedding_dim {hidden} (the teacher's); got {dim}"

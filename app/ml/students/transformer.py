@@ -28,7 +28,21 @@ _NOT_ARCHITECTURE = {
     "torch_dtype",
     "dtype",
     "auto_map",
+    "distill",  # what Distill recorded of the teacher (DISTILL_KEY)
 }
+# A Hugging Face teacher's `architecture` holds what Distill found under `distill`; its `runtime`
+# is `onnx` for an ONNX export (Optimum's layout), whose weights no student can take.
+DISTILL_KEY, RUNTIME, ONNX_RUNTIME = "distill", "runtime", "onnx"
+NO_WEIGHTS = (
+    "an ONNX teacher gives no weights to start from (its graph is run as it is, never read "
+    "into torch)"
+)
+
+
+def runs_on_onnx(teacher_config: dict[str, Any] | None) -> bool:
+    """Is the teacher an ONNX graph (a Hugging Face folder exported to ONNX)?"""
+    found = (teacher_config or {}).get(DISTILL_KEY)
+    return isinstance(found, dict) and found.get(RUNTIME) == ONNX_RUNTIME
 
 
 class TransformerSpec(StudentSpecBase):
@@ -37,7 +51,8 @@ class TransformerSpec(StudentSpecBase):
     ``init``: ``teacher_layers`` copies the teacher's embeddings, pooler, classifier and the
     layers ``teacher_layers`` (default: evenly spaced, ending with the last, e.g. 1, 3, 5 of 6);
     it needs the teacher's hidden, head and intermediate sizes. ``random``: from scratch.
-    Default: ``teacher_layers`` when the sizes allow it.
+    Default: ``teacher_layers`` when the sizes allow it and the teacher runs on torch (an ONNX
+    teacher gives no weights).
     ``base_config`` is filled at submission from the teacher's config (what the student shares
     with it: model type, vocabulary, positions); a user does not set it.
     """
@@ -139,7 +154,14 @@ def resolve(spec: TransformerSpec, teacher_config: dict[str, Any] | None) -> Tra
     """
     if teacher_config is None or "model_type" not in teacher_config:
         raise ValueError(
-            "a transformer student is built from its teacher's config: use a Hugging Face teacher"
+            "a transformer student is built from its teacher's config: use a Hugging Face teacher "
+            "(with its `config.json`)"
+        )
+    onnx = runs_on_onnx(teacher_config)
+    if onnx and spec.init == "teacher_layers":
+        raise ValueError(
+            f"init `teacher_layers` copies the teacher's layers, but {NO_WEIGHTS}: use init "
+            "`random`"
         )
     base = base_config(teacher_config)
     teacher_sizes = (base["hidden_size"], base["num_attention_heads"], base["intermediate_size"])
@@ -152,7 +174,9 @@ def resolve(spec: TransformerSpec, teacher_config: dict[str, Any] | None) -> Tra
         raise ValueError(f"hidden_size {sizes[0]} is not a multiple of num_heads {sizes[1]}")
     depth = int(base["num_hidden_layers"])
     init = spec.init or (
-        "teacher_layers" if sizes == teacher_sizes and spec.num_layers <= depth else "random"
+        "teacher_layers"
+        if not onnx and sizes == teacher_sizes and spec.num_layers <= depth
+        else "random"
     )
     layers = None
     if init == "teacher_layers":

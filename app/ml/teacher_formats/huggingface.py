@@ -17,6 +17,9 @@ The teacher takes int64 ``input_ids``, ``attention_mask`` and, for models with s
 token. Its ``architecture`` is the whole config (transformers' defaults filled in), plus what
 Distill found or fetched under ``distill``: ``max_positions`` (the most tokens a record may have)
 and, for a Hub reference, ``hub`` (repository, revision, commit, each file's sha256).
+
+A folder holding an ONNX graph instead of safetensors weights (the layout Hugging Face Optimum's
+export writes) is an ONNX text classifier: ``app.ml.teacher_formats.onnx_text``.
 """
 
 import inspect as pyinspect
@@ -348,21 +351,19 @@ def _parse_tokenizer(text: str) -> Tokenizer:
         ) from e
 
 
-def _tokenizer_source(
-    directory: Path, config: "PreTrainedConfig", convert: Convert
-) -> TokenizerSource:
+def tokenizer_source(directory: Path, model_pad: int | None, convert: Convert) -> TokenizerSource:
     """``tokenizer.json`` as it is, else the fast tokenizer ``convert`` builds from the other
-    tokenizer files.
+    tokenizer files; padding with ``model_pad`` (the config's ``pad_token_id``) if given.
 
     Raises:
-        InvalidModel: remote code in ``tokenizer_config.json``, or no readable tokenizer.
+        InvalidModel: remote code in ``tokenizer_config.json``, or no readable tokenizer (code
+            ``no_tokenizer``).
     """
     config_path = directory / TOKENIZER_CONFIG_FILE
     tokenizer_config = (
         _read_json(config_path, TOKENIZER_CONFIG_FILE) if config_path.is_file() else {}
     )
     _refuse_remote_code(tokenizer_config, TOKENIZER_CONFIG_FILE)
-    model_pad = config.pad_token_id if isinstance(config.pad_token_id, int) else None
     path = directory / TOKENIZER_FILE
     if path.is_file():
         if path.stat().st_size > MAX_TOKENIZER_BYTES:  # it is parsed in this process
@@ -381,6 +382,7 @@ def _tokenizer_source(
         raise InvalidModel(
             f"The archive has no tokenizer (`{TOKENIZER_FILE}`, or the files one is built from). "
             f"{SAVE_HELP}",
+            code="no_tokenizer",
             field="file",
         )
     text, pad_id, max_length = convert(directory)
@@ -401,7 +403,8 @@ def read_directory(directory: Path, filename: str, convert: Convert) -> ModelDir
     weights, mapped = _weight_files(directory)
     tensors = _tensors(weights)
     _check_index(mapped, tensors)
-    tokenizer = _tokenizer_source(directory, config, convert)
+    model_pad = config.pad_token_id if isinstance(config.pad_token_id, int) else None
+    tokenizer = tokenizer_source(directory, model_pad, convert)
     return ModelDirectory(raw, config, weights, tensors, tokenizer)
 
 
@@ -584,14 +587,14 @@ def _classes(config: "PreTrainedConfig") -> list[str] | None:
     return [str(n) for n in names]
 
 
-def _tokenizer(model: ModelDirectory) -> TextTokenizer:
+def text_tokenizer(config: "PreTrainedConfig | None", source: TokenizerSource) -> TextTokenizer:
     """The teacher's tokenizer, padding as the model does, truncating at ``DEFAULT_MAX_LENGTH``
     tokens or its ``model_max_length`` if fewer (the trial lowers it to the model's positions).
 
     Raises:
-        InvalidModel: (code ``tokenizer_mismatch``) ids the model's embeddings do not have.
+        InvalidModel: (code ``tokenizer_mismatch``) ids the model's embeddings (``vocab_size``
+            in ``config``, when there is one) do not have.
     """
-    config, source = model.config, model.tokenizer
     tokenizer, pad_id = source.tokenizer, source.pad_token_id
     vocab_size = getattr(config, "vocab_size", None)
     top = max([*tokenizer.get_vocab(with_added_tokens=True).values(), pad_id or 0])
@@ -637,7 +640,7 @@ def _inspect(model: ModelDirectory, name: str) -> TeacherInfo:
     """
     config = model.config
     architecture = _architecture(config)
-    tokenizer = _tokenizer(model)
+    tokenizer = text_tokenizer(config, model.tokenizer)
     records, _ = tokenizer.encode(list(TRIAL_TEXTS))
     feed = records.feed([t.name for t in text_model_signature_for(config, tokenizer).inputs])
     weight_bytes = sum(w.stat().st_size for w in model.weights)
@@ -812,8 +815,14 @@ class HuggingFaceFormat:
                 f"`{CONFIG_FILE}`.",
                 field="config",
             )
+        # (imported here: that module builds on this one)
+        from app.ml.teacher_formats.onnx_text import graph_file, inspect_onnx_folder
+
         with tempfile.TemporaryDirectory(prefix="distill-hf-") as tmp:
             directory = extract_archive(path, Path(tmp))
+            graph = graph_file(directory)
+            if graph is not None:  # an ONNX export (Optimum's layout)
+                return inspect_onnx_folder(directory, graph, self.name)
             return _inspect(read_directory(directory, filename, _convert_isolated), self.name)
 
     def open(
@@ -822,12 +831,17 @@ class HuggingFaceFormat:
         signature: ModelSignature,
         architecture: dict[str, Any] | None,
         device: torch.device,
-    ) -> HuggingFaceTeacher:
+    ) -> TeacherBackend:
+        from app.ml.teacher_formats.onnx_text import graph_file, open_onnx_folder
+
         preprocessing = signature.preprocessing
         if not isinstance(preprocessing, TextPreprocessing):
             raise InvalidModel("A Hugging Face teacher's signature must take text.")
         with tempfile.TemporaryDirectory(prefix="distill-hf-") as tmp:
             directory = extract_archive(path, Path(tmp))
+            graph = graph_file(directory)
+            if graph is not None:
+                return open_onnx_folder(path, directory, graph, signature, preprocessing, device)
             # The archive passed inspection: its tokenizer is converted here, in this process.
             model_dir = read_directory(directory, path.name, convert=_convert_in_process)
             try:
