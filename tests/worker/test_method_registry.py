@@ -33,7 +33,12 @@ KINDS = {
     "at": MethodKind.FEATURE,
     "sp": MethodKind.FEATURE,
     "rkd": MethodKind.FEATURE,
+    "hidden_states": MethodKind.FEATURE,
+    "attention_kl": MethodKind.FEATURE,
 }
+# Text methods match per-token layers of a transformer: hidden states [B, L, D] and attention
+# distributions [B, heads, L, L], over the records' real tokens (a mask [B, L]).
+TEXT_METHODS = {"hidden_states", "attention_kl"}
 
 
 def name(cls: type[MethodConfig]) -> str:
@@ -69,7 +74,18 @@ def test_kind_says_whether_the_loss_needs_feature_shapes(cls: type[MethodConfig]
 def test_each_default_builds_and_gives_a_finite_scalar(cls: type[MethodConfig]) -> None:
     torch.manual_seed(0)
     s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.randint(0, 5, (4,))
-    if cls.kind is MethodKind.FEATURE:
+    if name(cls) in TEXT_METHODS:
+        mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+        if name(cls) == "hidden_states":
+            features = [torch.randn(4, 3, 2)], [torch.randn(4, 3, 6)]
+        else:
+            features = (
+                [torch.softmax(torch.randn(4, 2, 3, 3), -1)],
+                [torch.softmax(torch.randn(4, 2, 3, 3), -1)],
+            )
+        loss = build_loss(default(cls), [((2,), (6,))])
+        total, terms = loss(s, t, y, *features, mask)
+    elif cls.kind is MethodKind.FEATURE:
         features = [torch.randn(4, 2, 3, 3)], [torch.randn(4, 4, 3, 3)]
         total, terms = build_loss(default(cls), SHAPES)(s, t, y, *features)
     else:
