@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -194,9 +195,10 @@ def main() -> None:
             print(f"5. Student downloaded to {args.out / 'student.onnx'} (sha256 verified)")
 
             data = load_builtin(dataset)
+            x_test = np.asarray(data.x_test)  # builtin datasets are arrays
             correct = 0
-            for start in range(0, len(data.x_test), 1000):
-                batch = data.x_test[start : start + 1000]
+            for start in range(0, len(x_test), 1000):
+                batch = x_test[start : start + 1000]
                 answer = check(
                     client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": batch.tolist()})
                 )

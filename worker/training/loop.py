@@ -88,15 +88,25 @@ class Batch:
 def length_grouped_order(
     lengths: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """A random order of the records in which consecutive ``batch_size`` records have similar
-    lengths: a random permutation, cut into windows of ``LENGTH_GROUP_BATCHES`` batches, each
-    sorted by length, longest first (as Hugging Face's ``LengthGroupedSampler``). With dynamic
+    """A random order of the records in which each run of ``batch_size`` records (a batch) has
+    similar lengths: a random permutation cut into windows of ``LENGTH_GROUP_BATCHES`` batches,
+    each sorted by length (as Hugging Face's ``LengthGroupedSampler``), then the batches
+    shuffled, so training never sweeps from long records to short ones (which, measured on
+    SST-2, costs a point or two of accuracy). Every batch is full but the last. With dynamic
     padding, a batch then holds little padding."""
     order = torch.randperm(len(lengths), generator=generator)
     window = batch_size * LENGTH_GROUP_BATCHES
-    chunks = [order[i : i + window] for i in range(0, len(order), window)]
     lengths = lengths.cpu()
-    return torch.cat([c[torch.argsort(lengths[c], descending=True, stable=True)] for c in chunks])
+    grouped = torch.cat(
+        [
+            chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+            for chunk in order.split(window)
+        ]
+    )
+    batches = list(grouped.split(batch_size))
+    last = [batches.pop()] if len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+    return torch.cat(shuffled + last)
 
 
 @dataclass
