@@ -4,6 +4,7 @@ Students are exported here, and torch teachers (safetensors, Hugging Face) too w
 is measured, so the two are always timed on the same runtime.
 """
 
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,3 +123,12 @@ def onnx_latency_ms(
         session.run(None, feed)
         timings.append(time.perf_counter() - start)
     return float(np.median(timings) * 1000.0)
+
+
+def torch_latency_ms(model: nn.Module, signature: ModelSignature, batch: int = 1) -> float:
+    """A torch model timed as an ONNX graph is (``onnx_latency_ms``): exported to a temporary
+    file first. The export leaves the model on the CPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, signature, path)
+        return onnx_latency_ms(path, signature, batch=batch)

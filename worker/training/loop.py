@@ -100,10 +100,10 @@ def length_grouped_order(
     grouped = torch.cat(
         [
             chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
-            for chunk in order.split(window)
+            for chunk in (order[i : i + window] for i in range(0, len(order), window))
         ]
     )
-    batches = list(grouped.split(batch_size))
+    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
     last = [batches.pop()] if len(batches[-1]) < batch_size else []
     shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
     return torch.cat(shuffled + last)

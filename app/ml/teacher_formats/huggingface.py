@@ -41,7 +41,7 @@ from app.config import get_settings
 from app.errors import InvalidModel, PickleRefused, UnsupportedFormat, find_unstorable
 from app.ml.archives import archive_kind, extract_archive
 from app.ml.layers import FeatureLayer
-from app.ml.onnx_io import export_onnx, onnx_latency_ms
+from app.ml.onnx_io import torch_latency_ms
 from app.ml.sandbox import TrialFailed, TrialOutOfMemory, TrialTimeout, run_isolated
 from app.ml.signature import LOGITS_NAME, ModelSignature, TextPreprocessing
 from app.ml.teacher_formats.base import ModelInputs, ScoresChoice, TeacherBackend, TeacherInfo
@@ -794,10 +794,7 @@ class HuggingFaceTeacher(TeacherBackend):
         return dict(self.model.state_dict())
 
     def latency_ms(self, batch: int = 1) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "teacher.onnx"
-            export_onnx(_Logits(self.model), self.signature, path)
-            latency = onnx_latency_ms(path, self.signature, batch=batch)
+        latency = torch_latency_ms(_Logits(self.model), self.signature, batch)
         self.model.to(self.device)  # the export moved it to the CPU
         return latency
 

@@ -3,7 +3,6 @@ architecture Distill builds itself (a registered student family), described by t
 ``config`` form field. Nothing in the upload is ever executed."""
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +14,7 @@ from torch import nn
 from app.errors import InvalidModel
 from app.ml.hooks import FeatureTap
 from app.ml.layers import activation_bytes, feature_layers, input_bytes
-from app.ml.onnx_io import export_onnx, onnx_latency_ms
+from app.ml.onnx_io import torch_latency_ms
 from app.ml.signature import ModelSignature
 from app.ml.students import (
     StudentSpec,
@@ -99,10 +98,7 @@ class TorchTeacher(TeacherBackend):
         return [t.float().cpu().numpy() for t in outputs]
 
     def latency_ms(self, batch: int = 1) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "teacher.onnx"
-            export_onnx(self.model, self.signature, path)
-            latency = onnx_latency_ms(path, self.signature, batch=batch)
+        latency = torch_latency_ms(self.model, self.signature, batch)
         self.model.to(self.device)  # the export moved it to the CPU
         return latency
 
