@@ -21,6 +21,7 @@ import torch
 
 from app.datasets.arrays import DatasetArrays
 from app.datasets.text import TextRecords
+from app.datasets.tokenized import shared_tokenizer
 from app.errors import PreflightFailed
 from app.jobs.methods import AttentionKL, FeatureMethod, TextFeatureMethod
 from app.jobs.preflight import (
@@ -286,18 +287,12 @@ class DistillationRecipe:
         Raises:
             JobFailure: ``tokenizer_mismatch``, an ensemble's teachers tokenise differently.
         """
-        tokenizers = [backend.tokenizer for backend in self.backends]
-        first = tokenizers[0]
-        assert first is not None  # a text dataset feeds only text teachers (checked)
-        if any(t is None or t.to_str() != first.to_str() for t in tokenizers[1:]):
-            raise JobFailure(
-                "tokenizer_mismatch",
-                "An ensemble's text teachers must share one tokenizer: theirs differ.",
-            )
-        preprocessing = self.backends[0].signature.preprocessing
-        assert isinstance(preprocessing, TextPreprocessing)
+        try:
+            tokenizer, preprocessing = shared_tokenizer(self.backends)
+        except ValueError as e:
+            raise JobFailure("tokenizer_mismatch", str(e)) from e
         data, self.truncated = cached_tokenize_records(
-            records, first, preprocessing, self.inputs.token_cache_dir
+            records, tokenizer, preprocessing, self.inputs.token_cache_dir
         )
         return data
 

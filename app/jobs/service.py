@@ -9,7 +9,7 @@ from app.datasets.arrays import DatasetArrays
 from app.datasets.loading import load_builtin, load_uploaded
 from app.datasets.service import DatasetSummary, resolve_dataset
 from app.datasets.text import TextRecords
-from app.datasets.tokenized import tokenize_records
+from app.datasets.tokenized import shared_tokenizer, tokenize_records
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.jobs import repository
 from app.jobs.features import resolve_layer_pairs, resolve_text_layer_pairs
@@ -20,7 +20,6 @@ from app.ml.layers import FeatureLayer, activation_bytes
 from app.ml.signature import (
     ModelSignature,
     SignatureMismatch,
-    TextPreprocessing,
     check_compatible,
 )
 from app.ml.students import family_of, resolve_student, student_signature
@@ -190,16 +189,11 @@ def _tokenized(records: TextRecords, teachers: list[PreflightTeacher]) -> Datase
     Raises:
         InvalidSpec: an ensemble's text teachers tokenise differently.
     """
-    tokenizers = [t.backend.tokenizer for t in teachers]
-    first = tokenizers[0]
-    preprocessing = teachers[0].backend.signature.preprocessing
-    assert first is not None and isinstance(preprocessing, TextPreprocessing)  # checked
-    if any(t is None or t.to_str() != first.to_str() for t in tokenizers[1:]):
-        raise InvalidSpec(
-            "An ensemble's text teachers must share one tokenizer: theirs differ.",
-            field="teachers",
-        )
-    return tokenize_records(records, first, preprocessing)[0]
+    try:
+        tokenizer, preprocessing = shared_tokenizer([t.backend for t in teachers])
+    except ValueError as e:
+        raise InvalidSpec(str(e), field="teachers") from e
+    return tokenize_records(records, tokenizer, preprocessing)[0]
 
 
 def create_job(session: Session, spec: DistillationSpec) -> Job:
