@@ -7,6 +7,7 @@ from typing import Any
 from app.datasets.service import DatasetSummary
 from app.errors import InvalidSpec
 from app.jobs.methods import (
+    AttentionKL,
     AttentionTransfer,
     FeatureMethod,
     FitNets,
@@ -207,3 +208,28 @@ def resolve_text_layer_pairs(
                 field=FIELD,
             )
     return pairs
+
+
+def attention_transfer_student(
+    method: TextFeatureMethod, student: TransformerSpec
+) -> TransformerSpec:
+    """The student spec an attention-distribution method trains: ``attention_dropout`` 0.
+
+    MiniLM (Wang et al. 2020, eq. 5) and TinyBERT (Jiao et al. 2020, eq. 7) match the softmax
+    itself; the attention ``transformers`` returns is taken after dropout, whose zeros a KL
+    cannot take (``log 0``) and whose survivors are rescaled by ``1 / (1 - p)``. Other methods
+    get the spec unchanged.
+
+    Raises:
+        InvalidSpec: ``attention_dropout`` set above 0 with ``attention_kl``.
+    """
+    if not isinstance(method, AttentionKL) or student.attention_dropout == 0.0:
+        return student
+    if student.attention_dropout is not None:
+        raise InvalidSpec(
+            f"`attention_kl` matches the student's attention distributions, which dropout "
+            f"would zero and rescale: leave `attention_dropout` unset (0 for this method), "
+            f"not {student.attention_dropout}.",
+            field="student.attention_dropout",
+        )
+    return student.model_copy(update={"attention_dropout": 0.0})

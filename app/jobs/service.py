@@ -12,7 +12,11 @@ from app.datasets.text import TextRecords
 from app.datasets.tokenized import shared_tokenizer, tokenize_records
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.jobs import repository
-from app.jobs.features import resolve_layer_pairs, resolve_text_layer_pairs
+from app.jobs.features import (
+    attention_transfer_student,
+    resolve_layer_pairs,
+    resolve_text_layer_pairs,
+)
 from app.jobs.methods import FeatureMethod, TextFeatureMethod
 from app.jobs.preflight import PreflightReport, PreflightTeacher, run_preflight, settle_scores
 from app.jobs.schemas import DistillationSpec, JobOut
@@ -22,7 +26,7 @@ from app.ml.signature import (
     SignatureMismatch,
     check_compatible,
 )
-from app.ml.students import family_of, resolve_student, student_signature
+from app.ml.students import TransformerSpec, family_of, resolve_student, student_signature
 from app.ml.teacher_formats import FORMATS, ScoresChoice
 from app.ml.text import is_text
 from app.models import Dataset, Job, JobMetric, JobStatus, Teacher
@@ -131,17 +135,20 @@ def validate_spec(session: Session, spec: DistillationSpec) -> tuple[list[Teache
                 + ".",
                 field="distillation.method",
             )
-        spec.distillation.layers = (
-            resolve_text_layer_pairs(spec.distillation, teachers[0], spec.student)
-            if isinstance(spec.distillation, TextFeatureMethod)
-            else resolve_layer_pairs(
+        if isinstance(spec.distillation, TextFeatureMethod):
+            spec.distillation.layers = resolve_text_layer_pairs(
+                spec.distillation, teachers[0], spec.student
+            )
+            assert isinstance(spec.student, TransformerSpec)  # checked by the line above
+            spec.student = attention_transfer_student(spec.distillation, spec.student)
+        else:
+            spec.distillation.layers = resolve_layer_pairs(
                 spec.distillation,
                 teachers[0],
                 spec.student,
                 dataset,
                 get_settings().max_teacher_feature_bytes,
             )
-        )
     return teachers, dataset
 
 

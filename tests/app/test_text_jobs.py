@@ -60,8 +60,12 @@ def test_transformer_layer_methods_store_their_default_pairs(
         {"teacher": "hidden_states.2", "student": "hidden_states.1"},
     ]
     job = submit(client, text_teacher, dataset, distillation={"method": "attention_kl"})
-    stored = client.get(f"/v1/jobs/{job['id']}").json()["spec"]["distillation"]["layers"]
-    assert stored == [{"teacher": "attentions.1", "student": "attentions.0"}]
+    spec = client.get(f"/v1/jobs/{job['id']}").json()["spec"]
+    assert spec["distillation"]["layers"] == [
+        {"teacher": "attentions.1", "student": "attentions.0"}
+    ]
+    # MiniLM matches the softmax itself: the student's attention is trained without dropout.
+    assert spec["student"]["attention_dropout"] == 0.0
 
 
 def test_the_preflight_runs_the_text_teacher_at_submission(
@@ -135,6 +139,18 @@ def test_a_text_student_is_settled_from_its_teacher(client: TestClient, text_tea
             },
             "distillation.layers",
             "num_heads: 2",
+        ),
+        (
+            {
+                "student": {
+                    "architecture": "transformer",
+                    "num_layers": 1,
+                    "attention_dropout": 0.1,
+                },
+                "distillation": {"method": "attention_kl"},
+            },
+            "student.attention_dropout",
+            "leave `attention_dropout` unset",
         ),
         (
             {

@@ -53,6 +53,9 @@ class TransformerSpec(StudentSpecBase):
     it needs the teacher's hidden, head and intermediate sizes. ``random``: from scratch.
     Default: ``teacher_layers`` when the sizes allow it and the teacher runs on torch (an ONNX
     teacher gives no weights).
+    ``dropout`` applies to hidden states and, unless ``attention_dropout`` is given, to the
+    attention probabilities; a job transferring attention distributions (``attention_kl``) sets
+    ``attention_dropout`` to 0 (``attention_transfer_student``).
     ``base_config`` is filled at submission from the teacher's config (what the student shares
     with it: model type, vocabulary, positions); a user does not set it.
     """
@@ -63,6 +66,7 @@ class TransformerSpec(StudentSpecBase):
     num_heads: int | None = Field(default=None, ge=1, le=128)
     intermediate_size: int | None = Field(default=None, ge=8, le=32_768)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    attention_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
     init: Literal["teacher_layers", "random"] | None = None
     teacher_layers: list[int] | None = Field(default=None, max_length=48)
     base_config: dict[str, Any] | None = None
@@ -95,7 +99,9 @@ def student_config(spec: TransformerSpec, num_classes: int) -> Any:
             "num_attention_heads": spec.num_heads or base["num_attention_heads"],
             "intermediate_size": spec.intermediate_size or base["intermediate_size"],
             "hidden_dropout_prob": spec.dropout,
-            "attention_probs_dropout_prob": spec.dropout,
+            "attention_probs_dropout_prob": (
+                spec.dropout if spec.attention_dropout is None else spec.attention_dropout
+            ),
             "num_labels": num_classes,
             # Attention weights are plain tensors (attention-distribution methods read them);
             # it also runs on the meta device, which sizes the student at submission.
