@@ -7,6 +7,7 @@ artifact directory, all under ``DISTILL_HOME``. Server mode sets
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -121,6 +122,28 @@ class Settings(BaseSettings):
         description="torch CPU threads per worker process; default: the cores this process may "
         "use, divided among the worker's pool processes.",
     )
+
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="json: one JSON object per line (python-json-logger); text: plain lines. "
+        "Default: json in server mode (DISTILL_DATABASE_URL set), text when embedded.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Where each API process writes its Prometheus samples (prometheus-client's "
+        "multiprocess mode) for `/metrics` to merge: local to the host, one per deployment.",
+    )
+
+    @property
+    def resolved_log_format(self) -> Literal["json", "text"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "json" if self.database_url else "text"
+
+    @property
+    def resolved_metrics_dir(self) -> Path:
+        return (self.metrics_dir or self.home / "metrics").resolve()
 
     @property
     def resolved_database_url(self) -> str:

@@ -10,11 +10,12 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Form
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from app import metrics
 from app.config import MIB, get_settings
 from app.datasets.router import router as datasets_router
 from app.db import get_engine
@@ -30,6 +31,12 @@ from app.errors import (
     unstorable_character,
 )
 from app.jobs.router import router as jobs_router
+from app.logs import (
+    REQUEST_ID_HEADER,
+    RequestContextMiddleware,
+    configure_logging,
+    current_request_id,
+)
 from app.serving.router import router as serving_router
 from app.serving.v2 import protocol_error_for
 from app.serving.v2 import router as v2_router
@@ -146,11 +153,14 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("request.unhandled_error", exc_info=exc)
-    if v2 := protocol_error_for(request, 500, "An unexpected error occurred; it has been logged."):
-        return v2
-    return problem_response(
-        500, "internal_error", "An unexpected error occurred; it has been logged."
+    detail = "An unexpected error occurred; it has been logged."
+    response = protocol_error_for(request, 500, detail) or problem_response(
+        500, "internal_error", detail
     )
+    # Answered outside RequestContextMiddleware, which cannot add the id here.
+    if request_id := current_request_id():
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def document_problems(schema: dict[str, Any]) -> None:
@@ -229,6 +239,8 @@ def add_common_parts(app: FastAPI) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    configure_logging()
+    app.add_middleware(RequestContextMiddleware)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -245,6 +257,21 @@ def add_common_parts(app: FastAPI) -> FastAPI:
             log.exception("readyz.database_unreachable")
             return problem_response(503, "not_ready", "The database does not answer.")
         return JSONResponse({"status": "ready"})
+
+    exposition = {"schema": {"type": "string"}}
+    metrics_formats = {"text/plain": exposition, "application/openmetrics-text": exposition}
+
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={200: {"description": "The exposition", "content": metrics_formats}},
+    )
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus metrics: jobs as the database has them, and the serving and HTTP
+        figures of every process of this deployment on this host."""
+        content, content_type = metrics.render(request.headers.get("accept"))
+        return Response(content, media_type=content_type)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

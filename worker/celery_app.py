@@ -15,10 +15,11 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init
+from celery.signals import celeryd_init, setup_logging, worker_process_init
 
 from app.config import get_settings
 from app.db import get_engine
+from app.logs import configure_logging
 from app.queue import TaskName, configure_celery
 
 settings = get_settings()
@@ -43,6 +44,12 @@ celery_app.conf.update(
 
 
 pool_processes = 1
+
+
+@setup_logging.connect
+def _set_up_logging(**_: object) -> None:
+    # Connected, this replaces Celery's own logging set-up: its lines and ours, one format.
+    configure_logging(settings)
 
 
 @celeryd_init.connect

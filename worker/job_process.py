@@ -9,6 +9,7 @@ import signal
 import sys
 
 from app.config import get_settings
+from app.logs import bind_process, configure_logging
 from app.models import JobStatus
 from worker.pipeline import finish, run_attempt
 
@@ -32,7 +33,8 @@ def die_with_supervisor() -> None:
 def main(argv: list[str]) -> int:
     job_id, attempt = argv[0], int(argv[1])
     die_with_supervisor()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
+    bind_process(job_id=job_id, attempt=attempt)
     import torch
 
     settings = get_settings()

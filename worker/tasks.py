@@ -1,5 +1,6 @@
 """Thin tasks: the logic lives in plain functions that tests call directly."""
 
+from app.logs import log_context
 from app.queue import TaskName
 from worker import recovery, supervisor
 from worker.celery_app import celery_app, job_torch_threads
@@ -7,7 +8,8 @@ from worker.celery_app import celery_app, job_torch_threads
 
 @celery_app.task(name=TaskName.DISTILL)
 def distill(job_id: str) -> None:
-    supervisor.run_isolated(job_id, job_torch_threads())
+    with log_context(job_id=job_id):
+        supervisor.run_isolated(job_id, job_torch_threads())
 
 
 @celery_app.task(name=TaskName.RECOVER)

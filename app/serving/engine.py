@@ -12,6 +12,8 @@ batch.
 Loaded models are kept in a least-recently-used set bounded by memory (a session's memory is
 estimated as its file's size times ``MEMORY_FACTOR``) and by count (``MAX_MODELS``); each is
 warmed up on load, so its first request does not pay for onnxruntime's first run.
+
+Request latency, batch sizes and loads are recorded in ``app.metrics`` (``GET /metrics``).
 """
 
 import asyncio
@@ -31,6 +33,7 @@ import anyio
 import numpy as np
 import onnxruntime as ort
 
+from app import metrics
 from app.config import get_settings
 from app.ml.signature import ModelSignature, TextPreprocessing
 from app.ml.text import INPUT_IDS
@@ -212,6 +215,7 @@ class LoadedModel:
         finally:
             self.runs += 1
             self.requests += len(requests)
+            metrics.observe_batch(sum(r.size for r in requests))
         start = 0
         for request in requests:
             request.future.set_result(logits[start : start + request.size])
@@ -306,8 +310,10 @@ class ServingEngine:
                 self._loading.pop(key, None)
                 self.loads += 1
                 evicted = self._evict_locked()
+        metrics.model_loaded(model.estimated_bytes)
         for old in evicted:
             old.close()
+            metrics.model_unloaded(old.estimated_bytes, evicted=True)
         return model
 
     async def aget(
@@ -323,6 +329,15 @@ class ServingEngine:
         self, key: tuple[str, str], path: Path, signature: ModelSignature, inputs: Tensors
     ) -> np.ndarray:
         """Class scores for ``inputs``, micro-batched with other requests to the same model."""
+        start = time.perf_counter()
+        try:
+            return await self._infer(key, path, signature, inputs)
+        finally:
+            metrics.observe_predict(key, time.perf_counter() - start)
+
+    async def _infer(
+        self, key: tuple[str, str], path: Path, signature: ModelSignature, inputs: Tensors
+    ) -> np.ndarray:
         for _ in range(3):
             model = await self.aget(key, path, signature)
             try:
@@ -337,6 +352,7 @@ class ServingEngine:
             model = self._models.pop(key, None)
         if model is not None:
             model.close()
+            metrics.model_unloaded(model.estimated_bytes, evicted=False)
         return model is not None
 
     def close(self) -> None:
@@ -345,6 +361,7 @@ class ServingEngine:
             self._models.clear()
         for model in models:
             model.close()
+            metrics.model_unloaded(model.estimated_bytes, evicted=False)
 
     def _evict_locked(self) -> list[LoadedModel]:
         """Drop least recently used models while over the bounds; the newest always stays."""
