@@ -1,22 +1,93 @@
-"""``distill``: run the whole service embedded (``up``) or its parts separately (server mode)."""
+"""distill: run the service (up: embedded; api, worker, serve: server mode) and use it.
 
-import argparse
+The client commands (teachers, datasets, jobs, download, predict) talk to the API at --url
+(default: $DISTILL_URL, else http://127.0.0.1:8000, where distill up listens) through
+app.client; --json prints the API's JSON for scripts. Exit codes: 0 done; 1 the API refused (its
+problem's detail and code on stderr) or could not be reached; 2 a usage error; jobs submit --watch
+and jobs watch: 3 the job failed, 4 it was cancelled.
+"""
+
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column, Table
 
 from app.config import get_settings
+from app.ml.signature import OutputKind
+from app.models import ArtifactFormat, JobStatus
 from app.queue import CONTROL_QUEUE, QUEUE
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from pydantic import BaseModel
+
+    from app.client import DistillClient
+    from app.jobs.schemas import JobOut, JobResult
+
+EXIT_API_ERROR = 1
+EXIT_JOB_FAILED = 3
+EXIT_JOB_CANCELLED = 4
+
+app = typer.Typer(
+    name="distill", help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
+teachers_app = typer.Typer(help="Upload, list, show and delete teachers.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Submit and follow jobs; list, show, cancel them, read their metrics.",
+    no_args_is_help=True,
+)
+app.add_typer(teachers_app, name="teachers")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console()
+err = Console(stderr=True)
+
+Host = Annotated[str, typer.Option(help="address to listen on")]
+Port = Annotated[int, typer.Option(help="port to listen on")]
+Url = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="the Distill API (default: $DISTILL_URL, else http://127.0.0.1:8000)",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON (the API's shapes) for scripts")]
+
+
+class BuiltinDownload(StrEnum):
+    """Builtin datasets whose files ``distill download`` fetches from the internet."""
+
+    FASHION_MNIST = "fashion-mnist"
+
+
+# -- running the service ----------------------------------------------------------------------
 
 
 def alembic_config() -> "Config":
+    """Alembic's configuration, for a source checkout or an installed image."""
     from alembic.config import Config
 
     # A source checkout has alembic.ini beside app/; an installed image runs from its directory.
@@ -28,6 +99,7 @@ def alembic_config() -> "Config":
 
 
 def migrate() -> None:
+    """Bring the database schema up to date."""
     from alembic import command
 
     command.upgrade(alembic_config(), "head")
@@ -36,6 +108,7 @@ def migrate() -> None:
 def worker_command(
     concurrency: int, beat: bool, queues: str = f"{QUEUE},{CONTROL_QUEUE}"
 ) -> list[str]:
+    """The command line of a Celery worker on ``queues``, with the recovery schedule if ``beat``."""
     settings = get_settings()
     command = [
         sys.executable,
@@ -58,6 +131,7 @@ def worker_command(
 
 
 def api_command(host: str, port: int) -> list[str]:
+    """The command line of the API server."""
     return [
         sys.executable,
         "-m",
@@ -71,7 +145,8 @@ def api_command(host: str, port: int) -> list[str]:
     ]
 
 
-def up(host: str, port: int) -> int:
+@app.command(short_help="Migrate, then run API and worker together.")
+def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Migrate, then run the API and one worker (with the recovery schedule) until Ctrl-C,
     restarting either if it dies: the worker's recovery schedule is what requeues a job whose
     process was killed, so it must not stay dead unnoticed."""
@@ -118,62 +193,689 @@ def up(host: str, port: int) -> int:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("up", "migrate, then run API and worker together"),
-        ("api", "run the API"),
-        ("serve", "serve students only: Open Inference Protocol v2, /predict, health"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=8000)
-    serve_parser = p
-    serve_parser.add_argument(
-        "--workers", type=int, default=1, help="server processes (each loads its own models)"
-    )
-    p = sub.add_parser("worker", help="run a Celery worker")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=1,
-        help="jobs at once on this host (all on DISTILL_DEVICE)",
-    )
-    p.add_argument("--beat", action="store_true", help="also run the recovery schedule")
-    p.add_argument(
-        "--queues",
-        default=f"{QUEUE},{CONTROL_QUEUE}",
-        help=f"{QUEUE}: training jobs; {CONTROL_QUEUE}: recovery of jobs whose worker died",
-    )
-    sub.add_parser("migrate", help="bring the database schema up to date")
-    p = sub.add_parser("download", help="download a builtin dataset (needs internet)")
-    p.add_argument("dataset", choices=["fashion-mnist"])
-    args = parser.parse_args(argv)
+@app.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
+    """Run the API."""
+    os.execv(sys.executable, api_command(host, port))
 
-    if args.command == "up":
-        return up(args.host, args.port)
-    if args.command == "api":
-        os.execv(sys.executable, api_command(args.host, args.port))
-    if args.command == "serve":
-        command = api_command(args.host, args.port)
-        command[command.index("app.main:create_app")] = "app.serving.app:create_serving_app"
-        command += ["--workers", str(args.workers)]
-        os.execv(sys.executable, command)
-    if args.command == "worker":
-        os.execv(sys.executable, worker_command(args.concurrency, args.beat, args.queues))
-    if args.command == "migrate":
-        migrate()
+
+@app.command()
+def serve(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    workers: Annotated[int, typer.Option(help="server processes (each loads its own models)")] = 1,
+) -> None:
+    """Serve students only: Open Inference Protocol v2, /predict, health."""
+    command = api_command(host, port)
+    command[command.index("app.main:create_app")] = "app.serving.app:create_serving_app"
+    command += ["--workers", str(workers)]
+    os.execv(sys.executable, command)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int, typer.Option(help="jobs at once on this host (all on DISTILL_DEVICE)")
+    ] = 1,
+    beat: Annotated[bool, typer.Option("--beat", help="also run the recovery schedule")] = False,
+    queues: Annotated[
+        str,
+        typer.Option(
+            help=f"{QUEUE}: training jobs; {CONTROL_QUEUE}: recovery of jobs whose worker died"
+        ),
+    ] = f"{QUEUE},{CONTROL_QUEUE}",
+) -> None:
+    """Run a Celery worker."""
+    os.execv(sys.executable, worker_command(concurrency, beat, queues))
+
+
+app.command("migrate")(migrate)
+
+
+# -- using it: shared parts -------------------------------------------------------------------
+
+
+@contextmanager
+def connect(url: str | None, as_json: bool) -> Iterator["DistillClient"]:
+    """A client of the API at ``url``; an API error or an unreachable server ends the command
+    with exit code 1 and the problem on stderr (as JSON with ``--json``)."""
+    # Imported here: the client's schemas load torch, which the server commands do not need.
+    from app.client import DistillClient, DistillError
+
+    client = DistillClient(url)
+    try:
+        with client:
+            yield client
+    except DistillError as e:
+        fail(e.problem | {"status": e.status, "code": e.code, "detail": e.detail}, as_json)
+    except httpx.TransportError as e:
+        detail = f"cannot reach Distill at {client.url}: {e}"
+        fail({"status": None, "code": "unreachable", "detail": detail}, as_json)
+
+
+def fail(problem: dict[str, Any], as_json: bool) -> NoReturn:
+    """Print ``problem`` (its detail, status, code and field; all of it as JSON with
+    ``--json``) on stderr and exit with code 1."""
+    if as_json:
+        typer.echo(json.dumps(problem), err=True)
+    else:
+        where = [str(problem[key]) for key in ("status", "code") if problem.get(key) is not None]
+        if problem.get("field") is not None:
+            where.append(f"field {problem['field']}")
+        message = f"[bold red]Error:[/] {escape(str(problem['detail']))} ({' '.join(where)})"
+        err.print(message, soft_wrap=True)
+    raise typer.Exit(EXIT_API_ERROR)
+
+
+def print_json(value: "BaseModel | Sequence[BaseModel] | dict[str, Any]") -> None:
+    """``value`` as JSON on stdout (a list of models as a JSON array)."""
+    if isinstance(value, Sequence):
+        data: Any = [item.model_dump(mode="json") for item in value]
+    elif isinstance(value, dict):
+        data = value
+    else:
+        data = value.model_dump(mode="json")
+    typer.echo(json.dumps(data, indent=2))
+
+
+def fmt(value: float | int | None, spec: str, unit: str = "") -> str:
+    """``value`` formatted with ``spec`` (and ``unit``), or a dash when it was not measured."""
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def megabytes(size: int | None) -> str:
+    """A size in MB, or a dash."""
+    return "-" if size is None else f"{size / 1e6:.2f} MB"
+
+
+def id_column(header: str = "id") -> Column:
+    """A column of ids, never cut nor wrapped: they are there to be copied."""
+    return Column(header, no_wrap=True, min_width=36)
+
+
+def listing(*columns: str | Column) -> Table:
+    """A table of one line a row: ids whole (``id_column``), other cells cut with an ellipsis
+    when the terminal is narrow, names (``name``) at most 24 characters."""
+    table = Table()
+    for column in columns:
+        if isinstance(column, str):
+            width = 24 if column == "name" else None
+            column = Column(column, no_wrap=True, overflow="ellipsis", max_width=width)
+        table.columns.append(column)
+    return table
+
+
+def fields_table(rows: list[tuple[str, str]]) -> Table:
+    """A two-column table of names and values."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    # Wide enough for a sha256 on an 80-column terminal: ids and digests are for copying.
+    table.add_column(min_width=64)
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    return table
+
+
+def result_table(result: "JobResult") -> Table:
+    """Teacher against student (and the int8 student when it was measured)."""
+    int8 = result.int8_accuracy is not None
+    table = Table(title="teacher vs student", title_justify="left")
+    table.add_column("")
+    for name in ("teacher", "student") + (("student int8",) if int8 else ()):
+        table.add_column(name, justify="right")
+    rows = [
+        (
+            "test accuracy",
+            fmt(result.teacher_accuracy, ".4f"),
+            fmt(result.student_accuracy, ".4f"),
+            fmt(result.int8_accuracy, ".4f"),
+        ),
+        (
+            "accuracy retained",
+            "",
+            fmt(result.accuracy_retained, ".1f", "%"),
+            "-"
+            if result.int8_accuracy is None or not result.teacher_accuracy
+            else f"{100 * result.int8_accuracy / result.teacher_accuracy:.1f}%",
+        ),
+        ("agreement with teacher", "", fmt(result.agreement, ".4f"), "-"),
+        (
+            "parameters",
+            f"{result.teacher_parameters:,}",
+            f"{result.student_parameters:,}",
+            f"{result.student_parameters:,}",
+        ),
+        (
+            "size on disk",
+            megabytes(result.teacher_size_bytes),
+            megabytes(result.student_size_bytes),
+            megabytes(result.int8_size_bytes),
+        ),
+        (
+            "latency / sample",
+            fmt(result.teacher_latency_ms, ".3f", " ms"),
+            fmt(result.student_latency_ms, ".3f", " ms"),
+            fmt(result.int8_latency_ms, ".3f", " ms"),
+        ),
+    ]
+    for row in rows:
+        table.add_row(*(row if int8 else row[:3]))
+    return table
+
+
+def result_summary(result: "JobResult") -> str:
+    """The job's compression, speed-up, best epoch and wall time, in one line."""
+    return (
+        f"compression {result.compression_ratio:.1f}x, speed-up "
+        f"{fmt(result.speedup, '.1f', 'x')} (onnxruntime, 1 thread, batch 1), best epoch "
+        f"{result.best_epoch}, {fmt(result.wall_seconds, '.1f', ' s')} on {result.device}"
+    ) + (
+        ""
+        if result.int8_agreement is None
+        else f"; int8 agrees with float32 on {100 * result.int8_agreement:.1f}%"
+    )
+
+
+def job_fields(job: "JobOut") -> Table:
+    """A job's state, one field a row."""
+    teachers = job.spec.get("teachers") or []
+    teacher = job.teacher_id or ", ".join(str(t.get("id")) for t in teachers)
+    rows = [
+        ("id", job.id),
+        ("status", job.status),
+        ("phase", job.phase),
+        ("progress", f"{100 * job.progress:.0f}%"),
+        ("attempt", str(job.attempt)),
+        ("teacher", teacher),
+        ("dataset", job.dataset),
+        ("student", json.dumps(job.spec.get("student"))),
+        ("created", job.created_at.isoformat(timespec="seconds")),
+        (
+            "finished",
+            "-" if job.finished_at is None else job.finished_at.isoformat(timespec="seconds"),
+        ),
+    ]
+    if job.alias is not None:
+        rows.append(("alias", job.alias))
+    if job.error is not None:
+        rows.append(("error", f"{job.error.get('detail')} ({job.error.get('code')})"))
+    return fields_table(rows)
+
+
+def print_job(job: "JobOut") -> None:
+    """A job, and its teacher-vs-student table once it has a result."""
+    out.print(job_fields(job))
+    if job.result is not None:
+        out.print(result_table(job.result))
+        out.print(result_summary(job.result))
+
+
+# -- teachers ---------------------------------------------------------------------------------
+
+
+def load_json_option(value: str | None, option: str) -> Any:
+    """A JSON-valued option, parsed; invalid JSON is a usage error."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not JSON: {e}", param_hint=option) from None
+
+
+@teachers_app.command("upload")
+def teachers_upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the teacher file")],
+    name: Annotated[str | None, typer.Option(help="a name (default: the file name)")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="JSON architecture config (safetensors only)")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="the output holding the scores")] = None,
+    output_kind: Annotated[
+        OutputKind | None, typer.Option(help="what the scores are (default: detected)")
+    ] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="JSON list of class names, one per score")
+    ] = None,
+    preprocessing: Annotated[
+        str | None, typer.Option(help='JSON, e.g. \'{"kind": "image", "scale": 0.0039}\'')
+    ] = None,
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a teacher: ONNX, safetensors with --config, or a Hugging Face archive."""
+    with connect(url, as_json) as client:
+        teacher = client.upload_teacher(
+            file,
+            name=name,
+            config=load_json_option(config, "--config"),
+            output=output,
+            output_kind=output_kind,
+            classes=load_json_option(classes, "--classes"),
+            preprocessing=load_json_option(preprocessing, "--preprocessing"),
+        )
+    if as_json:
+        print_json(teacher)
+        return
+    out.print(
+        f"Teacher {teacher.id}: {teacher.format}, {teacher.parameter_count:,} parameters, "
+        f"{teacher.num_classes} classes"
+    )
+
+
+@teachers_app.command("list")
+def teachers_list(url: Url = None, as_json: AsJson = False) -> None:
+    """List the uploaded teachers, newest first."""
+    with connect(url, as_json) as client:
+        teachers = client.list_teachers()
+    if as_json:
+        print_json(teachers)
+        return
+    table = listing(id_column(), "name", "format", "parameters", "input", "classes")
+    for t in teachers:
+        table.add_row(
+            t.id,
+            escape(t.name),
+            t.format,
+            f"{t.parameter_count:,}",
+            "-" if t.input_shape is None else "x".join(map(str, t.input_shape)),
+            str(t.num_classes),
+        )
+    out.print(table)
+
+
+@teachers_app.command("show")
+def teachers_show(
+    teacher_id: Annotated[str, typer.Argument(help="the teacher's id")],
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a teacher: format, size, signature, feature layers."""
+    with connect(url, as_json) as client:
+        t = client.get_teacher(teacher_id)
+    if as_json:
+        print_json(t)
+        return
+    inputs = ", ".join(f"{i.name} {i.datatype} {i.shape}" for i in t.signature.inputs)
+    classes = t.signature.scores.classes
+    rows = [
+        ("id", t.id),
+        ("name", t.name),
+        ("format", t.format),
+        ("sha256", t.sha256),
+        ("size", megabytes(t.size_bytes)),
+        ("parameters", f"{t.parameter_count:,}"),
+        ("inputs", inputs),
+        ("scores", f"{t.output_name} ({t.signature.scores.kind}), {t.num_classes} classes"),
+        ("classes", "-" if classes is None else ", ".join(classes)),
+        ("feature layers", str(len(t.feature_layers or []))),
+        ("created", t.created_at.isoformat(timespec="seconds")),
+    ]
+    out.print(fields_table(rows))
+
+
+@teachers_app.command("rm")
+def teachers_rm(
+    teacher_id: Annotated[str, typer.Argument(help="the teacher's id")],
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete a teacher that no unfinished job uses."""
+    with connect(url, as_json) as client:
+        client.delete_teacher(teacher_id)
+    if as_json:
+        print_json({"id": teacher_id, "deleted": True})
+        return
+    out.print(f"Teacher {teacher_id} deleted")
+
+
+# -- datasets ---------------------------------------------------------------------------------
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help=".npz, or CSV/TSV/JSONL/Parquet")
+    ],
+    test_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="text: the test split")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="a name (default: the file name)")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="JSON list of class names, one per label")
+    ] = None,
+    text_column: Annotated[str | None, typer.Option(help="text: the text column")] = None,
+    text_pair_column: Annotated[
+        str | None, typer.Option(help="text: the sentence pair's second column")
+    ] = None,
+    label_column: Annotated[str | None, typer.Option(help="text: the label column")] = None,
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Upload a dataset: .npz arrays (x, y, optional x_test, y_test) or text records."""
+    with connect(url, as_json) as client:
+        dataset = client.upload_dataset(
+            file,
+            test_file=test_file,
+            name=name,
+            classes=load_json_option(classes, "--classes"),
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+        )
+    if as_json:
+        print_json(dataset)
+        return
+    out.print(
+        f"Dataset {dataset.ref}: {dataset.modality}, {dataset.num_classes} classes, "
+        f"{dataset.train_size:,} train and {dataset.test_size:,} test samples"
+    )
+
+
+@datasets_app.command("list")
+def datasets_list(url: Url = None, as_json: AsJson = False) -> None:
+    """List the builtin datasets (and whether the server has them) and the uploaded ones."""
+    with connect(url, as_json) as client:
+        datasets = client.list_datasets()
+    if as_json:
+        print_json(datasets)
+        return
+    table = listing(id_column("ref"), "modality", "name", "classes", "train", "test", "available")
+    for d in datasets:
+        table.add_row(
+            d.ref,
+            d.modality,
+            escape(d.name),
+            str(d.num_classes),
+            f"{d.train_size:,}",
+            f"{d.test_size:,}",
+            "yes" if d.available else "no",
+        )
+    out.print(table)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+def watch(client: "DistillClient", job: "JobOut") -> "JobOut":
+    """Follow ``job`` on its events with a live progress bar on stderr until it ends; the job
+    as it ended."""
+    epochs = job.spec.get("training", {}).get("epochs", "?")
+    columns = (
+        TextColumn("{task.fields[phase]:<15}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("val acc {task.fields[val_accuracy]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(
+            job.id, total=100, phase=job.phase, epoch=0, epochs=epochs, loss="-", val_accuracy="-"
+        )
+        for event in client.events(job.id):
+            data = event.data
+            if event.event == "status":
+                progress.update(task, phase=data["phase"])
+            elif event.event == "progress":
+                progress.update(task, completed=100 * data["progress"])
+            elif event.event == "metrics":
+                values = data["values"]
+                progress.update(
+                    task,
+                    epoch=data["epoch"],
+                    loss=fmt(values.get("train_loss"), ".4f"),
+                    val_accuracy=fmt(values.get("val_accuracy"), ".4f"),
+                )
+    return client.get_job(job.id)
+
+
+def watch_exit_code(job: "JobOut") -> int:
+    """0 for a succeeded job, 4 for a cancelled one, 3 otherwise (failed)."""
+    if job.status == JobStatus.SUCCEEDED:
         return 0
-    from app.datasets.builtins import fashion_mnist
+    return EXIT_JOB_CANCELLED if job.status == JobStatus.CANCELLED else EXIT_JOB_FAILED
 
-    target = get_settings().resolved_data_dir / "fashion-mnist"
-    print(f"Downloaded to {fashion_mnist.download(target)}")
-    return 0
+
+def read_spec(path: Path, teacher: str | None, dataset: str | None) -> dict[str, Any]:
+    """The job spec in ``path`` (JSON), with ``teacher`` and ``dataset`` set when given."""
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not JSON: {e}", param_hint="SPEC") from None
+    if not isinstance(spec, dict):
+        raise typer.BadParameter("not a JSON object", param_hint="SPEC")
+    if teacher is not None:
+        spec = {k: v for k, v in spec.items() if k != "teachers"} | {"teacher": teacher}
+    if dataset is not None:
+        spec["dataset"] = dataset
+    return spec
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    spec_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SPEC.json",
+            exists=True,
+            dir_okay=False,
+            help="the job spec, as POST /v1/jobs takes it",
+        ),
+    ],
+    teacher: Annotated[
+        str | None, typer.Option(help="the teacher id (replaces the spec's)")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="the dataset ref (replaces the spec's)")
+    ] = None,
+    watch_job: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="follow the job to its end (exit 3 if it fails, 4 if cancelled), then show "
+            "teacher vs student",
+        ),
+    ] = False,
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Submit a distillation job."""
+    spec = read_spec(spec_file, teacher, dataset)
+    with connect(url, as_json) as client:
+        job = client.submit_job(spec)
+        if not as_json:
+            out.print(f"Job {job.id} submitted ({job.status})")
+            if job.preflight is not None:
+                for finding in job.preflight.warnings:
+                    err.print(f"warning {finding.code}: {escape(finding.detail)}")
+        if watch_job:
+            job = follow_quietly(client, job) if as_json else watch(client, job)
+    if as_json:
+        print_json(job)
+    elif watch_job:
+        print_job(job)
+    if watch_job:
+        raise typer.Exit(watch_exit_code(job))
+
+
+def follow_quietly(client: "DistillClient", job: "JobOut") -> "JobOut":
+    """Wait for ``job`` to end on its events, printing nothing; the job as it ended."""
+    for _ in client.events(job.id):
+        pass
+    return client.get_job(job.id)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[JobStatus | None, typer.Option(help="only jobs of this status")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="jobs per page")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="jobs to skip")] = 0,
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """List jobs, newest first."""
+    with connect(url, as_json) as client:
+        page = client.list_jobs(limit=limit, offset=offset, status=status)
+    if as_json:
+        print_json(page)
+        return
+    table = listing(id_column(), "status", "phase", "progress", "accuracy", "dataset")
+    for job in page.items:
+        table.add_row(
+            job.id,
+            job.status,
+            job.phase,
+            f"{100 * job.progress:.0f}%",
+            "-" if job.result is None else f"{job.result.student_accuracy:.4f}",
+            job.dataset,
+        )
+    table.caption = f"{len(page.items)} of {page.total} (offset {page.offset})"
+    out.print(table)
+
+
+# The per-epoch figures a terminal has room for; --json gives them all.
+METRIC_COLUMNS = ("train_loss", "val_accuracy", "val_agreement", "val_kl_to_teacher")
+JobId = Annotated[str, typer.Argument(help="the job's id")]
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+    """Follow a job to its end (exit 3 if it fails, 4 if cancelled), then show it."""
+    with connect(url, as_json) as client:
+        job = client.get_job(job_id)
+        job = follow_quietly(client, job) if as_json else watch(client, job)
+    if as_json:
+        print_json(job)
+    else:
+        print_job(job)
+    raise typer.Exit(watch_exit_code(job))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+    """Show a job: status, phase, progress, and its result or error."""
+    with connect(url, as_json) as client:
+        job = client.get_job(job_id)
+    if as_json:
+        print_json(job)
+        return
+    print_job(job)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+    """Cancel a job: at once if queued, at the worker's next check if running."""
+    with connect(url, as_json) as client:
+        job = client.cancel_job(job_id)
+    if as_json:
+        print_json(job)
+        return
+    out.print(f"Job {job.id}: {job.status}")
+
+
+@jobs_app.command("metrics")
+def jobs_metrics(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+    """Show a job's metrics, one row per epoch."""
+    with connect(url, as_json) as client:
+        rows = client.job_metrics(job_id)
+    if as_json:
+        print_json(rows)
+        return
+    seen = {name for row in rows for name in row.values}
+    names = [name for name in METRIC_COLUMNS if name in seen]
+    table = Table("epoch", *names)
+    for row in rows:
+        table.add_row(str(row.epoch), *(fmt(row.values.get(name), ".4f") for name in names))
+    out.print(table)
+
+
+# -- the student ------------------------------------------------------------------------------
+
+
+@app.command()
+def download(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="JOB_ID|fashion-mnist",
+            help="a job's id: download its student from the API; fashion-mnist: fetch the "
+            "builtin dataset's files from the internet into the data directory",
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="file or directory (default: the server's file name)"),
+    ] = None,
+    format: Annotated[ArtifactFormat, typer.Option(help="what to download")] = ArtifactFormat.ONNX,
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Download a job's student (sha256 checked), or a builtin dataset's files."""
+    if target == BuiltinDownload.FASHION_MNIST:
+        from app.datasets.builtins import fashion_mnist
+
+        data_dir = get_settings().resolved_data_dir / "fashion-mnist"
+        print(f"Downloaded to {fashion_mnist.download(data_dir)}")
+        return
+    with connect(url, as_json) as client:
+        artifact = client.download_artifact(target, output, format=format)
+    if as_json:
+        print_json(
+            {
+                "path": str(artifact.path),
+                "sha256": artifact.sha256,
+                "size_bytes": artifact.size_bytes,
+            }
+        )
+        return
+    out.print(f"Downloaded {artifact.path} ({megabytes(artifact.size_bytes)}, sha256 verified)")
+
+
+@app.command()
+def predict(
+    job_id: JobId,
+    inputs: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUTS.json",
+            exists=True,
+            dir_okay=False,
+            help='a JSON list of samples, or {"inputs": [...]}',
+        ),
+    ],
+    url: Url = None,
+    as_json: AsJson = False,
+) -> None:
+    """Classify samples with a job's student."""
+    try:
+        body = json.loads(inputs.read_text())
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not JSON: {e}", param_hint="INPUTS") from None
+    samples = body.get("inputs") if isinstance(body, dict) else body
+    if not isinstance(samples, list):
+        raise typer.BadParameter('not a list, nor {"inputs": [...]}', param_hint="INPUTS")
+    with connect(url, as_json) as client:
+        answer = client.predict(job_id, samples)
+    if as_json:
+        print_json(answer)
+        return
+    table = Table("sample", "prediction", "label", "probability")
+    for i, (index, label, probabilities) in enumerate(
+        zip(answer.predictions, answer.labels, answer.probabilities, strict=True)
+    ):
+        table.add_row(str(i), str(index), escape(label), f"{probabilities[index]:.4f}")
+    out.print(table)
+
+
+def main() -> None:
+    """The ``distill`` command (exits with its status)."""
+    app(prog_name="distill")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
