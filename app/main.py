@@ -42,6 +42,7 @@ from app.serving.v2 import protocol_error_for
 from app.serving.v2 import router as v2_router
 from app.storage import STAGING_MAX_AGE_S, get_store
 from app.teachers.router import router as teachers_router
+from app.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 # A JSON body can only carry a NUL or a lone surrogate as an escape: bodies without one are not
@@ -229,6 +230,7 @@ def create_app() -> FastAPI:
     for router in (teachers_router, datasets_router, jobs_router, serving_router):
         app.include_router(router)
     app.include_router(v2_router)
+    app.include_router(ui_router)
     return add_common_parts(app)
 
 
