@@ -163,7 +163,10 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     def stop(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # SIGINT as well as Ctrl-C's: a shell starts a background job with SIGINT ignored, and
+    # Python keeps an ignored SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
         while True:
             time.sleep(1)

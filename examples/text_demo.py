@@ -283,8 +283,7 @@ def main() -> None:
                 status = run(client, args)
         finally:
             if server is not None:
-                # SIGTERM, not SIGINT: a process started in the background ignores SIGINT.
-                server.send_signal(signal.SIGTERM)
+                server.send_signal(signal.SIGINT)
                 server.wait(timeout=60)
                 print("\nDistill stopped.")
     print(f"The demo took {time.perf_counter() - started:.0f} s.")
