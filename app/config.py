@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     )
     teacher_cache_max_bytes: int = Field(
         default=20 * 1024 * MIB,
-        description="Cached teacher outputs beyond this are evicted, least recently used first.",
+        description="Cached teacher outputs beyond this, per tenant, are evicted, least "
+        "recently used first.",
     )
     max_teacher_feature_bytes: int = Field(
         default=4096 * MIB,
@@ -123,6 +124,15 @@ class Settings(BaseSettings):
         "use, divided among the worker's pool processes.",
     )
 
+    auth: Literal["required", "disabled"] | None = Field(
+        default=None,
+        description="required: every route but health takes an API key (`Authorization: Bearer`); "
+        "disabled: no keys, everything belongs to the `default` tenant. Default: required in "
+        "server mode (DISTILL_DATABASE_URL set); disabled when embedded, where `distill up`, "
+        "`api` and `serve` then refuse to listen beyond the loopback interface unless this is "
+        "set to disabled explicitly.",
+    )
+
     log_format: Literal["json", "text"] | None = Field(
         default=None,
         description="json: one JSON object per line (python-json-logger); text: plain lines. "
@@ -136,10 +146,18 @@ class Settings(BaseSettings):
     )
 
     @property
+    def server_mode(self) -> bool:
+        return self.database_url is not None
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth == "required" if self.auth is not None else self.server_mode
+
+    @property
     def resolved_log_format(self) -> Literal["json", "text"]:
         if self.log_format is not None:
             return self.log_format
-        return "json" if self.database_url else "text"
+        return "json" if self.server_mode else "text"
 
     @property
     def resolved_metrics_dir(self) -> Path:

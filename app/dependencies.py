@@ -3,6 +3,7 @@
 import asyncio
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import anyio
@@ -28,12 +29,19 @@ _slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimi
 )
 
 
-async def db_slot() -> AsyncIterator[None]:
+@asynccontextmanager
+async def database_slot() -> AsyncIterator[None]:
+    """Hold one of the event loop's ``DB_SLOTS`` while using the database."""
     loop = asyncio.get_running_loop()
     limiter = _slots.get(loop)
     if limiter is None:
         limiter = _slots[loop] = anyio.CapacityLimiter(DB_SLOTS)
     async with limiter:
+        yield
+
+
+async def db_slot() -> AsyncIterator[None]:
+    async with database_slot():
         yield
 
 

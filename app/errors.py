@@ -101,6 +101,7 @@ class AppError(Exception):
     status: ClassVar[int] = 400
     code: str = "bad_request"
     title: ClassVar[str] = "Bad request"
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
         super().__init__(detail)
@@ -115,6 +116,24 @@ class AppError(Exception):
 
 class NotFound(AppError):
     status, code, title = 404, "not_found", "Not found"
+
+
+class Unauthorized(AppError):
+    """No key, or one that is unknown, expired or revoked (RFC 6750's ``invalid_token``)."""
+
+    status, code, title = 401, "unauthorized", "Unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="distill"'}
+
+
+class InvalidKey(Unauthorized):
+    code = "invalid_key"
+    headers: ClassVar[dict[str, str]] = {
+        "WWW-Authenticate": 'Bearer realm="distill", error="invalid_token"'
+    }
+
+
+class Forbidden(AppError):
+    status, code, title = 403, "forbidden", "Forbidden"
 
 
 class Conflict(AppError):

@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from app import metrics
+from app.auth import AdminDep
 from app.config import MIB, get_settings
 from app.datasets.router import router as datasets_router
 from app.db import get_engine
@@ -103,8 +104,11 @@ async def refuse_unstorable_text(request: Request) -> None:
 async def app_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
     if v2 := protocol_error_for(request, exc.status, exc.detail):
+        v2.headers.update(exc.headers)
         return v2
-    return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_JSON)
+    return JSONResponse(
+        exc.problem(), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers
+    )
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -167,7 +171,13 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
 def document_problems(schema: dict[str, Any]) -> None:
     """Document, in an OpenAPI ``schema``, the problem+json answers every operation can give:
     422 (validation, text no column holds), 404 where the path names a resource, 400 and 413
-    where there is a body; routes declare their own others with ``problem_responses``."""
+    where there is a body, 401 where it takes an API key; routes declare their own others with
+    ``problem_responses``. A server running without keys declares none."""
+    if not get_settings().auth_required:
+        schema.get("components", {}).pop("securitySchemes", None)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.pop("security", None)
     schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
         Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     )
@@ -189,13 +199,16 @@ def document_problems(schema: dict[str, Any]) -> None:
                 responses = operation.setdefault("responses", {})
                 for status in [s for s in responses if s.startswith("4")]:
                     responses.pop(status)
-                errors = ["400", *(["404"] if "{" in path else [])]
+                # 401: a route that takes an API key (its `security`) and got none or a bad one.
+                errors = ["400", *(["401"] if "security" in operation else [])]
+                errors += ["404"] if "{" in path else []
                 errors += ["503"] if path.endswith("/ready") else []
                 responses.update({status: protocol_error for status in errors})
                 operation["responses"] = dict(sorted(responses.items()))
             continue
         for operation in operations.values():
-            statuses = [422, *([404] if "{" in path else [])]
+            statuses = [422, *([401] if "security" in operation else [])]
+            statuses += [404] if "{" in path else []
             statuses += [400, 413] if "requestBody" in operation else []
             responses = operation.setdefault("responses", {})
             responses.update({str(s): r for s, r in problem_responses(*statuses).items()})
@@ -267,11 +280,14 @@ def add_common_parts(app: FastAPI) -> FastAPI:
         "/metrics",
         tags=["ops"],
         response_class=Response,
-        responses={200: {"description": "The exposition", "content": metrics_formats}},
+        responses={
+            200: {"description": "The exposition", "content": metrics_formats},
+            **problem_responses(403),
+        },
     )
-    def prometheus_metrics(request: Request) -> Response:
+    def prometheus_metrics(_: AdminDep, request: Request) -> Response:
         """Prometheus metrics: jobs as the database has them, and the serving and HTTP
-        figures of every process of this deployment on this host."""
+        figures of every process of this deployment on this host. Needs an admin key."""
         content, content_type = metrics.render(request.headers.get("accept"))
         return Response(content, media_type=content_type)
 

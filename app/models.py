@@ -78,10 +78,51 @@ class ArtifactFormat(StrEnum):
     TOKENIZER = "tokenizer"  # a text student's tokenizer.json (its teacher's)
 
 
+# Every row of a tenant's belongs to one; with authentication off, everything is this one's.
+DEFAULT_TENANT_ID = "default"
+
+
+class KeyRole(StrEnum):
+    ADMIN = "admin"  # also reads the deployment's /metrics
+    MEMBER = "member"
+
+
+class Tenant(Base):
+    """A team: what its keys may see. Rows of another tenant's are answered as absent."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: found by its public ``prefix``, checked against its Argon2id ``hash`` (the
+    key itself is never stored)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+def tenant_column() -> Mapped[str]:
+    return mapped_column(ForeignKey("tenants.id"), index=True)
+
+
 class Teacher(Base):
     __tablename__ = "teachers"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(32))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -104,6 +145,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
     name: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -121,8 +163,10 @@ class Dataset(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "alias", name="uq_jobs_tenant_alias"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = tenant_column()
     status: Mapped[str] = mapped_column(String(32), default=JobStatus.QUEUED, index=True)
     phase: Mapped[str] = mapped_column(String(32), default=JobPhase.QUEUED)
     progress: Mapped[float] = mapped_column(default=0.0)
@@ -132,8 +176,8 @@ class Job(Base):
     )
     dataset_ref: Mapped[str] = mapped_column(String(64))
     # A name the user gives a succeeded job's student, to serve it by (Open Inference Protocol
-    # model name); unique.
-    alias: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # model name); unique within the tenant.
+    alias: Mapped[str | None] = mapped_column(String(64))
     attempt: Mapped[int] = mapped_column(default=0)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     result: Mapped[dict[str, Any] | None]

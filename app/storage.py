@@ -39,6 +39,15 @@ class keys:
     TEACHER_CACHE = "cache/teacher-outputs"
     TOKEN_CACHE = "cache/tokens"  # text datasets tokenised by a teacher's tokenizer
 
+    # Each tenant's cached outputs are its own: derived from its teachers and data.
+    @staticmethod
+    def teacher_cache(tenant_id: str) -> str:
+        return f"{keys.TEACHER_CACHE}/{tenant_id}"
+
+    @staticmethod
+    def token_cache(tenant_id: str) -> str:
+        return f"{keys.TOKEN_CACHE}/{tenant_id}"
+
     @staticmethod
     def teacher_dir(teacher_id: str) -> str:
         return f"teachers/{teacher_id}"

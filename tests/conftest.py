@@ -1,7 +1,9 @@
 """Fixtures on real parts: a migrated database per stack, an API client, tiny trained teachers.
 
-Two stacks run the same tests: ``embedded`` (SQLite file + filesystem Celery broker) and ``server``
-(PostgreSQL + Redis). Each stack gets its own fresh database, built by Alembic.
+Two stacks run the same tests: ``embedded`` (SQLite file + filesystem Celery broker, no API keys)
+and ``server`` (PostgreSQL + Redis, API keys required: the stack's admin key is in
+``DISTILL_API_KEY`` and ``Stack.headers``). Each stack gets its own fresh database, built by
+Alembic.
 """
 
 import uuid
@@ -15,14 +17,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete
 
 from app import db
+from app.auth import create_key
+from app.config import get_settings
 from app.ml.students import CnnSpec, MlpSpec
-from app.models import Base
+from app.models import DEFAULT_TENANT_ID, ApiKey, Base, KeyRole, Tenant
 from tests.helpers.stacks import POSTGRES_URL, REDIS_URL, Stack, admin_dsn, clear_caches
 from tests.helpers.teachers import TeacherFiles, train_digits_teacher
 from tests.helpers.text_teachers import synthetic_sentiment, tiny_bert_dir, zip_dir
 
-# Fixtures defined with their helpers: `start_worker` (real Celery worker processes).
-pytest_plugins = ["tests.helpers.workers"]
+KEPT_TABLES = {Tenant.__tablename__, ApiKey.__tablename__}
+
+# Fixtures defined with their helpers: `start_worker` (real Celery worker processes), `url` and
+# `keyed_url` (the API over HTTP).
+pytest_plugins = ["tests.helpers.workers", "tests.helpers.servers"]
 
 
 @pytest.fixture(scope="session", params=["embedded", "server"])
@@ -48,7 +55,13 @@ def stack(
         from app.cli import migrate
 
         migrate()
-        yield Stack(request.param, env, home)
+        api_key, tenant_id = None, DEFAULT_TENANT_ID
+        if get_settings().auth_required:
+            with db.session_scope() as session:
+                key, api_key = create_key(session, "tests", KeyRole.ADMIN, name="test suite")
+                tenant_id = key.tenant_id
+            mp.setenv("DISTILL_API_KEY", api_key)
+        yield Stack(request.param, env, home, api_key, tenant_id)
         db.get_engine().dispose()
         clear_caches()
     if database:
@@ -58,13 +71,16 @@ def stack(
 
 @pytest.fixture
 def client(stack: Stack) -> Iterator[TestClient]:
+    """A client of the API, sending the stack's key; the tenants' rows are deleted after the
+    test (the tenants and keys stay)."""
     from app.main import create_app
 
-    with TestClient(create_app()) as test_client:
+    with TestClient(create_app(), headers=stack.headers) as test_client:
         yield test_client
     with db.session_scope() as session:
         for table in reversed(Base.metadata.sorted_tables):
-            session.execute(delete(table))
+            if table.name not in KEPT_TABLES:
+                session.execute(delete(table))
 
 
 @pytest.fixture(scope="session")

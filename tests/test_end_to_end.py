@@ -327,10 +327,10 @@ def test_the_api_restarted_mid_job_loses_nothing(
     start_worker(beat=True)
     teacher = upload_teacher(client, digits_teacher)
     body = job_body(teacher["id"], training={"epochs": 20, "batch_size": 16})
-    with TestClient(create_app()) as first_api:
+    with TestClient(create_app(), headers=client.headers) as first_api:
         job_id = first_api.post("/v1/jobs", json=body).json()["id"]
         wait_for(first_api, job_id, lambda j: (j["latest_metrics"] or {}).get("epoch", 0) >= 2)
-    with TestClient(create_app()) as second_api:
+    with TestClient(create_app(), headers=client.headers) as second_api:
         job = wait_for(second_api, job_id, is_terminal, timeout=180)
     assert (job["status"], job["attempt"]) == ("succeeded", 1), job["error"]
     epochs = [m["epoch"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]]

@@ -13,7 +13,8 @@ import tritonclient.http as triton
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.helpers.servers import serving
+from tests.helpers.servers import serving, v2_client
+from tests.helpers.stacks import key_headers
 from tests.helpers.text_teachers import synthetic_sentiment
 from tests.helpers.workers import StartWorker, is_terminal, wait_for
 
@@ -90,7 +91,7 @@ def test_text_job_end_to_end(
     ]["type"] in ("WordPiece", "WordLevel", "BPE", "Unigram")
 
     with serving(create_app()) as address:
-        triton_client = triton.InferenceServerClient(address)
+        triton_client = v2_client(address, key_headers())
         metadata = triton_client.get_model_metadata(job_id)
         assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
         tensor = triton.InferInput("text", [len(texts)], "BYTES")

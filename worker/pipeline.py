@@ -65,13 +65,14 @@ def load_dataset(ref: str) -> DatasetArrays | TextRecords:
 
 def read_job(
     job_id: str,
-) -> tuple[DistillationSpec, list[TeacherRecord], PreflightReport | None]:
-    """The job's spec, its teachers in order and its submission preflight, read in one short
+) -> tuple[str, DistillationSpec, list[TeacherRecord], PreflightReport | None]:
+    """The job's tenant, spec, teachers in order and submission preflight, read in one short
     session."""
     store = get_store()
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job is not None
+        tenant_id = job.tenant_id
         spec = DistillationSpec.model_validate(job.spec)
         preflight = None if job.preflight is None else PreflightReport.model_validate(job.preflight)
         members = session.scalars(
@@ -102,7 +103,7 @@ def read_job(
     if len(records) != len(spec.teacher_weights):
         missing = {t for t, _ in spec.teacher_weights} - {r.id for r in records}
         raise JobFailure("teacher_missing", f"Teacher {', '.join(sorted(missing))} was deleted.")
-    return spec, records, preflight
+    return tenant_id, spec, records, preflight
 
 
 def run_job(job_id: str) -> None:
@@ -135,7 +136,7 @@ def _run_attempt(
 ) -> None:
     """One claimed attempt, its end written as the job's status."""
     try:
-        spec, teachers, preflight = read_job(job_id)
+        tenant_id, spec, teachers, preflight = read_job(job_id)
         store = get_store()
         inputs = RecipeInputs(
             job_id=job_id,
@@ -144,9 +145,9 @@ def _run_attempt(
             data=load_dataset(spec.dataset),
             device=choose_device(settings),
             artifact_dir=store.path(keys.artifact(job_id, attempt)),
-            cache_dir=store.path(keys.TEACHER_CACHE),
+            cache_dir=store.path(keys.teacher_cache(tenant_id)),
             cache_max_bytes=settings.teacher_cache_max_bytes,
-            token_cache_dir=store.path(keys.TOKEN_CACHE),
+            token_cache_dir=store.path(keys.token_cache(tenant_id)),
             checkpoint=store.path(keys.checkpoint(job_id)),
             started=started,
             preflight=preflight,

@@ -2,6 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
+from app.auth import PrincipalDep
 from app.config import Settings
 from app.datasets import service
 from app.datasets.npz import parse_classes
@@ -25,6 +26,7 @@ def decoding_budget(settings: Settings) -> int:
     responses=problem_responses(415),
 )
 def upload_dataset(
+    principal: PrincipalDep,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -84,6 +86,7 @@ def upload_dataset(
     names = None if classes is None else parse_classes(classes)
     dataset = service.upload_dataset(
         session,
+        tenant_id=principal.tenant_id,
         store=store,
         file=file.file,
         filename=file.filename or "",
@@ -101,12 +104,15 @@ def upload_dataset(
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(session: SessionDep, store: StoreDep) -> DatasetList:
-    """The builtin datasets (with whether this server has their files) and the uploaded ones."""
-    return DatasetList(items=service.list_datasets(session, store))
+def list_datasets(principal: PrincipalDep, session: SessionDep, store: StoreDep) -> DatasetList:
+    """The builtin datasets (with whether this server has their files) and the tenant's
+    uploads."""
+    return DatasetList(items=service.list_datasets(session, principal.tenant_id, store))
 
 
 @router.get("/{ref}", response_model=DatasetOut)
-def get_dataset(session: SessionDep, store: StoreDep, ref: str) -> DatasetOut:
+def get_dataset(
+    principal: PrincipalDep, session: SessionDep, store: StoreDep, ref: str
+) -> DatasetOut:
     """One dataset: a builtin one by its `builtin:<name>` ref, an uploaded one by its id."""
-    return service.dataset_out(session, store, ref)
+    return service.dataset_out(session, principal.tenant_id, store, ref)

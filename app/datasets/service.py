@@ -79,24 +79,27 @@ def builtin_out(dataset: BuiltinDataset) -> DatasetOut:
     )
 
 
-def list_datasets(session: Session, store: ArtifactStore) -> list[DatasetOut]:
-    uploaded = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()))
+def list_datasets(session: Session, tenant_id: str, store: ArtifactStore) -> list[DatasetOut]:
+    """The builtin datasets, then the tenant's uploads, newest first."""
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id)
+    uploaded = session.scalars(query.order_by(Dataset.created_at.desc()))
     return [builtin_out(d) for d in BUILTIN_DATASETS.values()] + [
         uploaded_out(d, store) for d in uploaded
     ]
 
 
-def dataset_out(session: Session, store: ArtifactStore, ref: str) -> DatasetOut:
-    """A builtin dataset by its ``builtin:<name>`` ref, or an uploaded one by id."""
+def dataset_out(session: Session, tenant_id: str, store: ArtifactStore, ref: str) -> DatasetOut:
+    """A builtin dataset by its ``builtin:<name>`` ref, or the tenant's upload by id."""
     builtin = BUILTIN_DATASETS.get(ref)
     if builtin is not None:
         return builtin_out(builtin)
-    return uploaded_out(get_dataset(session, ref), store)
+    return uploaded_out(get_dataset(session, tenant_id, ref), store)
 
 
 def upload_dataset(
     session: Session,
     *,
+    tenant_id: str,
     store: ArtifactStore,
     file: BinaryIO,
     filename: str,
@@ -136,6 +139,7 @@ def upload_dataset(
         upload = store.receive(file, max_bytes=max_bytes)
         return create_dataset(
             session,
+            tenant_id=tenant_id,
             store=store,
             upload=upload,
             max_bytes=decoding_budget,
@@ -155,6 +159,7 @@ def upload_dataset(
         test_upload = None if test_file is None else store.receive(test_file, max_bytes=max_bytes)
     return create_text_dataset(
         session,
+        tenant_id=tenant_id,
         store=store,
         upload=upload,
         filename=filename,
@@ -172,6 +177,7 @@ def upload_dataset(
 def create_dataset(
     session: Session,
     *,
+    tenant_id: str,
     store: ArtifactStore,
     upload: StoredFile,
     max_bytes: int,
@@ -194,6 +200,7 @@ def create_dataset(
         else:
             train_size, test_size = len(data.x), len(data.x_test)
         dataset = Dataset(
+            tenant_id=tenant_id,
             name=name,
             sha256=upload.sha256,
             size_bytes=upload.size_bytes,
@@ -220,6 +227,7 @@ def create_dataset(
 def create_text_dataset(
     session: Session,
     *,
+    tenant_id: str,
     store: ArtifactStore,
     upload: StoredFile,
     filename: str,
@@ -262,6 +270,7 @@ def create_text_dataset(
         # The stored form replaces the staged upload; the files as uploaded are not kept.
         write_records(records, upload.path)
         dataset = Dataset(
+            tenant_id=tenant_id,
             name=name,
             sha256=sha256_file(upload.path),
             size_bytes=upload.path.stat().st_size,
@@ -283,15 +292,17 @@ def create_text_dataset(
     return dataset
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's upload. Raises NotFound, also for another tenant's."""
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
+    if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFound(f"No dataset with id {dataset_id}.")
     return dataset
 
 
-def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
-    """Look up a dataset reference (``builtin:<name>`` or an uploaded id) for validation."""
+def resolve_dataset(session: Session, tenant_id: str, ref: str) -> DatasetSummary:
+    """Look up a dataset reference (``builtin:<name>`` or the tenant's upload by id) for
+    validation."""
     if ref.startswith("builtin:"):
         builtin = BUILTIN_DATASETS.get(ref)
         if builtin is None:
@@ -306,7 +317,7 @@ def resolve_dataset(session: Session, ref: str) -> DatasetSummary:
             )
         return DatasetSummary(ref, builtin.signature, builtin.train_size)
     dataset = session.get(Dataset, ref)
-    if dataset is None:
+    if dataset is None or dataset.tenant_id != tenant_id:
         raise InvalidSpec(f"No dataset with id {ref}.", field="dataset")
     signature = ModelSignature.model_validate(dataset.signature)
     return DatasetSummary(ref, signature, dataset.train_size)

@@ -42,7 +42,6 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import IntEnum, StrEnum
@@ -55,7 +54,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 
 from app.db import session_scope
-from app.dependencies import db_slot
+from app.dependencies import database_slot
 from app.errors import NotFound
 from app.jobs.schemas import MetricOut
 from app.models import TERMINAL_STATUSES, Job, JobMetric
@@ -246,12 +245,14 @@ def advance(cursor: Cursor, snapshot: JobSnapshot, now: float) -> tuple[list[Job
     return events, cursor
 
 
-def read_snapshot(session: Session, job_id: str, after_metric: int) -> JobSnapshot | None:
-    """The job's row, then its metrics rows with an id above ``after_metric``; None when there is
-    no such job. The row is read first: once it shows the job ended, every metrics row the
-    worker wrote was committed before, so the rows read next are all of them."""
+def read_snapshot(
+    session: Session, tenant_id: str, job_id: str, after_metric: int
+) -> JobSnapshot | None:
+    """The job's row, then its metrics rows with an id above ``after_metric``; None when the
+    tenant has no such job. The row is read first: once it shows the job ended, every metrics
+    row the worker wrote was committed before, so the rows read next are all of them."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         return None
     rows = session.scalars(
         select(JobMetric)
@@ -270,33 +271,34 @@ def read_snapshot(session: Session, job_id: str, after_metric: int) -> JobSnapsh
     )
 
 
-def _load(job_id: str, after_metric: int) -> JobSnapshot | None:
+def _load(tenant_id: str, job_id: str, after_metric: int) -> JobSnapshot | None:
     with session_scope() as session:
-        return read_snapshot(session, job_id, after_metric)
+        return read_snapshot(session, tenant_id, job_id, after_metric)
 
 
-async def load_snapshot(job_id: str, after_metric: int = 0) -> JobSnapshot | None:
+async def load_snapshot(tenant_id: str, job_id: str, after_metric: int = 0) -> JobSnapshot | None:
     """``read_snapshot`` in a short session of its own, on a worker thread, once this request
     holds one of the API's database slots (``app.dependencies.db_slot``): nothing is held across
     the wait between polls."""
-    async with asynccontextmanager(db_slot)():
-        return await anyio.to_thread.run_sync(_load, job_id, after_metric)
+    async with database_slot():
+        return await anyio.to_thread.run_sync(_load, tenant_id, job_id, after_metric)
 
 
-async def first_snapshot(job_id: str, cursor: Cursor) -> JobSnapshot:
+async def first_snapshot(tenant_id: str, job_id: str, cursor: Cursor) -> JobSnapshot:
     """The snapshot a stream starts from.
 
     Raises:
-        NotFound: no job with this id (404 problem+json, as ``GET /v1/jobs/{id}``).
+        NotFound: the tenant has no job with this id (404 problem+json, as
+            ``GET /v1/jobs/{id}``).
     """
-    snapshot = await load_snapshot(job_id, cursor.metric)
+    snapshot = await load_snapshot(tenant_id, job_id, cursor.metric)
     if snapshot is None:
         raise NotFound(f"No job with id {job_id}.")
     return snapshot
 
 
 async def follow(
-    request: Request, job_id: str, cursor: Cursor, snapshot: JobSnapshot
+    request: Request, tenant_id: str, job_id: str, cursor: Cursor, snapshot: JobSnapshot
 ) -> AsyncIterator[ServerSentEvent]:
     """The events from ``cursor`` on: those ``snapshot`` holds, then those of a fresh snapshot
     every ``POLL_INTERVAL_S``, until ``end`` is sent, the client disconnects or the job is
@@ -312,7 +314,7 @@ async def follow(
         await anyio.sleep(POLL_INTERVAL_S)
         if await request.is_disconnected():
             return
-        next_snapshot = await load_snapshot(job_id, cursor.metric)
+        next_snapshot = await load_snapshot(tenant_id, job_id, cursor.metric)
         if next_snapshot is None:
             return
         snapshot = next_snapshot

@@ -34,10 +34,15 @@ def owned(job_id: str, attempt: int) -> ColumnElement[bool]:
 
 
 def add_job(
-    session: Session, *, spec: dict[str, Any], dataset_ref: str, teacher_ids: list[str]
+    session: Session,
+    *,
+    tenant_id: str,
+    spec: dict[str, Any],
+    dataset_ref: str,
+    teacher_ids: list[str],
 ) -> Job:
-    """A queued job and its teachers, in order."""
-    job = Job(spec=spec, teacher_id=teacher_ids[0], dataset_ref=dataset_ref)
+    """A queued job of the tenant's and its teachers, in order."""
+    job = Job(tenant_id=tenant_id, spec=spec, teacher_id=teacher_ids[0], dataset_ref=dataset_ref)
     session.add(job)
     session.flush()
     session.add_all(

@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse
 
+from app.auth import PrincipalDep
 from app.config import MIB
 from app.dependencies import SessionDep
 from app.errors import problem_responses
@@ -22,35 +23,40 @@ MAX_OFFSET = 2**31 - 1
     max_body_size=MIB,
     responses=problem_responses(503),
 )
-def create_job(session: SessionDep, spec: DistillationSpec, response: Response) -> JobOut:
+def create_job(
+    principal: PrincipalDep, session: SessionDep, spec: DistillationSpec, response: Response
+) -> JobOut:
     """Submit a distillation job; it is queued and runs on a worker."""
-    job = service.create_job(session, spec)
+    job = service.create_job(session, principal.tenant_id, spec)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return service.job_out(session, job)
 
 
 @router.get("", response_model=JobPage)
 def list_jobs(
+    principal: PrincipalDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     status: JobStatus | None = None,
 ) -> JobPage:
-    """Jobs, newest first, optionally of one status."""
-    jobs, total = service.list_jobs(session, limit=limit, offset=offset, status=status)
+    """The tenant's jobs, newest first, optionally of one status."""
+    jobs, total = service.list_jobs(
+        session, principal.tenant_id, limit=limit, offset=offset, status=status
+    )
     return JobPage(items=service.jobs_out(session, jobs), total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(session: SessionDep, job_id: str) -> JobOut:
+def get_job(principal: PrincipalDep, session: SessionDep, job_id: str) -> JobOut:
     """Status, phase, progress, latest metrics, and the result or error."""
-    return service.job_out(session, service.get_job(session, job_id))
+    return service.job_out(session, service.get_job(session, principal.tenant_id, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList)
-def get_metrics(session: SessionDep, job_id: str) -> MetricList:
+def get_metrics(principal: PrincipalDep, session: SessionDep, job_id: str) -> MetricList:
     """One row per epoch: losses, student and teacher accuracy, agreement."""
-    rows = service.list_metrics(session, job_id)
+    rows = service.list_metrics(session, principal.tenant_id, job_id)
     return MetricList(
         items=[MetricOut(epoch=r.epoch, values=r.values, created_at=r.created_at) for r in rows]
     )
@@ -81,6 +87,7 @@ def get_metrics(session: SessionDep, job_id: str) -> MetricList:
     },
 )
 async def job_events(
+    principal: PrincipalDep,
     request: Request,
     job_id: str,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -104,11 +111,12 @@ async def job_events(
     which stops an EventSource from reconnecting. An unreadable id replays the whole stream.
     """
     cursor = events.Cursor.decode(last_event_id)
-    snapshot = await events.first_snapshot(job_id, cursor)
+    snapshot = await events.first_snapshot(principal.tenant_id, job_id, cursor)
     if cursor.final is events.Final.END:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return EventSourceResponse(
-        events.follow(request, job_id, cursor, snapshot), ping=events.KEEP_ALIVE_S
+        events.follow(request, principal.tenant_id, job_id, cursor, snapshot),
+        ping=events.KEEP_ALIVE_S,
     )
 
 
@@ -118,6 +126,6 @@ async def job_events(
     response_model=JobOut,
     responses=problem_responses(409),
 )
-def cancel_job(session: SessionDep, job_id: str) -> JobOut:
+def cancel_job(principal: PrincipalDep, session: SessionDep, job_id: str) -> JobOut:
     """Cancel a job: at once if queued, at the worker's next check if running."""
-    return service.job_out(session, service.cancel_job(session, job_id))
+    return service.job_out(session, service.cancel_job(session, principal.tenant_id, job_id))

@@ -62,7 +62,9 @@ def _settle(teacher: Teacher, num_classes: int) -> None:
         teacher.scores_choice = choice.model_dump(mode="json")
 
 
-def validate_spec(session: Session, spec: DistillationSpec) -> tuple[list[Teacher], DatasetSummary]:
+def validate_spec(
+    session: Session, tenant_id: str, spec: DistillationSpec
+) -> tuple[list[Teacher], DatasetSummary]:
     """Everything that can be checked before queueing, so a mistake is a 422, not a failed job;
     returns the job's teachers, in order, and its dataset.
 
@@ -72,10 +74,10 @@ def validate_spec(session: Session, spec: DistillationSpec) -> tuple[list[Teache
     teachers = []
     for teacher_id, _ in spec.teacher_weights:
         teacher = session.get(Teacher, teacher_id)
-        if teacher is None:
+        if teacher is None or teacher.tenant_id != tenant_id:
             raise InvalidSpec(f"No teacher with id {teacher_id}.", field=field)
         teachers.append(teacher)
-    dataset = resolve_dataset(session, spec.dataset)
+    dataset = resolve_dataset(session, tenant_id, spec.dataset)
     for teacher in teachers:
         _settle(teacher, dataset.signature.num_classes)
     signature = ModelSignature.model_validate(teachers[0].signature)
@@ -203,16 +205,17 @@ def _tokenized(records: TextRecords, teachers: list[PreflightTeacher]) -> Datase
     return tokenize_records(records, tokenizer, preprocessing)[0]
 
 
-def create_job(session: Session, spec: DistillationSpec) -> Job:
+def create_job(session: Session, tenant_id: str, spec: DistillationSpec) -> Job:
     """Validate, preflight and queue a job. Its teachers are locked first (``lock_teachers``), so
     one deleted meanwhile is a 422 here, and one not yet deleted keeps its row and files until
     the job is committed (its deletion then sees the job: a 409)."""
     teacher_ids = [teacher_id for teacher_id, _ in spec.teacher_weights]
     lock_teachers(session, teacher_ids, exclusive=False)
-    teachers, dataset = validate_spec(session, spec)
+    teachers, dataset = validate_spec(session, tenant_id, spec)
     report = submission_preflight(session, teachers, dataset)
     job = repository.add_job(
         session,
+        tenant_id=tenant_id,
         spec=spec.model_dump(mode="json", exclude_none=True),
         dataset_ref=spec.dataset,
         teacher_ids=teacher_ids,
@@ -222,9 +225,10 @@ def create_job(session: Session, spec: DistillationSpec) -> Job:
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """The tenant's job. Raises NotFound, also for another tenant's."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"No job with id {job_id}.")
     return job
 
@@ -278,9 +282,10 @@ def _job_out(job: Job, metrics: dict[str, Any] | None) -> JobOut:
 
 
 def list_jobs(
-    session: Session, *, limit: int, offset: int, status: JobStatus | None
+    session: Session, tenant_id: str, *, limit: int, offset: int, status: JobStatus | None
 ) -> tuple[list[Job], int]:
-    query = select(Job)
+    """A page of the tenant's jobs, newest first, and how many there are."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
@@ -290,8 +295,8 @@ def list_jobs(
     return list(jobs), total
 
 
-def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
-    get_job(session, job_id)
+def list_metrics(session: Session, tenant_id: str, job_id: str) -> list[JobMetric]:
+    get_job(session, tenant_id, job_id)
     return list(
         session.scalars(
             select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
@@ -299,9 +304,9 @@ def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
     )
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop at its next check."""
-    job = get_job(session, job_id)
+    job = get_job(session, tenant_id, job_id)
     changed = repository.request_cancel(session, job_id)
     if not changed:
         raise Conflict(f"Job {job_id} has already finished ({job.status}).", job_status=job.status)

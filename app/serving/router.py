@@ -3,6 +3,7 @@ import base64
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
+from app.auth import PrincipalDep
 from app.config import MIB
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 from app.errors import NotFound, problem_responses
@@ -20,10 +21,14 @@ predict_router = APIRouter(tags=["serving"])
 
 @router.get("/{job_id}/artifact", response_class=FileResponse, responses=problem_responses(409))
 def download_artifact(
-    session: SessionDep, store: StoreDep, job_id: str, format: ArtifactFormat = ArtifactFormat.ONNX
+    principal: PrincipalDep,
+    session: SessionDep,
+    store: StoreDep,
+    job_id: str,
+    format: ArtifactFormat = ArtifactFormat.ONNX,
 ) -> FileResponse:
     """Download the student (`onnx`, `safetensors`) or its `manifest`; sha256 in the headers."""
-    artifact = service.get_artifact(session, job_id, format)
+    artifact = service.get_artifact(session, principal.tenant_id, job_id, format)
     digest_b64 = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
     return FileResponse(
         store.path(artifact.storage_key),
@@ -44,12 +49,14 @@ def download_artifact(
     max_body_size=64 * MIB,
     responses=problem_responses(409),
 )
-async def predict(settings: SettingsDep, job_id: str, body: PredictRequest) -> PredictResponse:
+async def predict(
+    principal: PrincipalDep, settings: SettingsDep, job_id: str, body: PredictRequest
+) -> PredictResponse:
     """Classify a batch with the job's student, on the serving engine (onnxruntime, requests
     to one student micro-batched together). A text student takes strings (or `[text,
     text_pair]` lists), tokenised with its tokenizer."""
     try:
-        model = await service.resolve(job_id)
+        model = await service.resolve(principal.tenant_id, job_id)
     except service.NoSuchJob as e:
         raise NotFound(f"No job with id {job_id}.") from e
     if model.job_id != job_id:  # an alias names the student in /v2, not the job here
@@ -78,18 +85,20 @@ async def predict(settings: SettingsDep, job_id: str, body: PredictRequest) -> P
 
 
 @router.put("/{job_id}/alias", response_model=AliasResponse, responses=problem_responses(409))
-def set_alias(session: SessionDep, job_id: str, body: AliasRequest) -> AliasResponse:
+def set_alias(
+    principal: PrincipalDep, session: SessionDep, job_id: str, body: AliasRequest
+) -> AliasResponse:
     """Name a succeeded job's student: the Open Inference Protocol serves it as
     ``/v2/models/{alias}`` too. 409 if another job has the alias or this one has not
     succeeded."""
-    job = service.set_alias(session, job_id, body.alias)
+    job = service.set_alias(session, principal.tenant_id, job_id, body.alias)
     return AliasResponse(job_id=job.id, alias=job.alias)
 
 
 @router.delete("/{job_id}/alias", status_code=204)
-def delete_alias(session: SessionDep, job_id: str) -> Response:
+def delete_alias(principal: PrincipalDep, session: SessionDep, job_id: str) -> Response:
     """Remove the job's alias (if any); its student stays served by its id."""
-    service.clear_alias(session, job_id)
+    service.clear_alias(session, principal.tenant_id, job_id)
     return Response(status_code=204)
 
 

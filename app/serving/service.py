@@ -3,7 +3,6 @@
 import re
 import threading
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
-from app.dependencies import db_slot
+from app.dependencies import database_slot
 from app.errors import Conflict, InvalidInput, JobNotReady, NotFound
 from app.jobs.service import get_job
 from app.ml.artifacts import Manifest, read_manifest
@@ -35,8 +34,11 @@ MAX_TEXT_CHARS = 100_000
 RESOLVE_TTL_S = 1.0
 
 
-def get_artifact(session: Session, job_id: str, artifact_format: ArtifactFormat) -> Artifact:
-    job = get_job(session, job_id)
+def get_artifact(
+    session: Session, tenant_id: str, job_id: str, artifact_format: ArtifactFormat
+) -> Artifact:
+    """The tenant's succeeded job's artifact. Raises NotFound, JobNotReady (409)."""
+    job = get_job(session, tenant_id, job_id)
     if job.status != JobStatus.SUCCEEDED:
         raise JobNotReady(
             f"Job {job_id} is {job.status}; its student is available once it has succeeded.",
@@ -101,7 +103,8 @@ class NoSuchJob(ModelNotFound):
 
 _manifests: dict[Path, Manifest] = {}
 _tokenizers: dict[Path, TextTokenizer] = {}
-_resolved: dict[str, tuple[float, ServedModel]] = {}
+# (tenant id, name) -> (when looked up, model)
+_resolved: dict[tuple[str, str], tuple[float, ServedModel]] = {}
 _resolved_lock = threading.Lock()
 
 
@@ -121,12 +124,14 @@ def _tokenizer(path: Path, manifest: Manifest) -> TextTokenizer:
     return tokenizer
 
 
-def find_served_model(session: Session, store: ArtifactStore, name: str) -> ServedModel:
-    """The student named ``name`` (a job id, else an alias). A job that exists but has not
-    succeeded raises ``JobNotReady``; no job, ``ModelNotFound``."""
+def find_served_model(
+    session: Session, store: ArtifactStore, tenant_id: str, name: str
+) -> ServedModel:
+    """The tenant's student named ``name`` (a job id, else an alias). A job that exists but has
+    not succeeded raises ``JobNotReady``; no job (or another tenant's), ``NoSuchJob``."""
     job = session.get(Job, name) if _UUID.match(name) else None
-    if job is None:
-        job = session.scalar(select(Job).where(Job.alias == name))
+    if job is None or job.tenant_id != tenant_id:
+        job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.alias == name))
     if job is None:
         raise NoSuchJob(f"Unknown model: no job has the id or alias '{name}'.")
     if job.status != JobStatus.SUCCEEDED:
@@ -150,31 +155,31 @@ def find_served_model(session: Session, store: ArtifactStore, name: str) -> Serv
     return ServedModel(job.id, job.alias, manifest, paths, tokenizer)
 
 
-def _lookup(name: str) -> ServedModel:
+def _lookup(tenant_id: str, name: str) -> ServedModel:
     with session_scope() as session:
-        return find_served_model(session, get_store(), name)
+        return find_served_model(session, get_store(), tenant_id, name)
 
 
-async def resolve(name: str) -> ServedModel:
+async def resolve(tenant_id: str, name: str) -> ServedModel:
     """``find_served_model`` from the event loop, cached for ``RESOLVE_TTL_S``; the database is
     read on a worker thread, holding one of the API's database slots."""
     now = time.monotonic()
-    hit = _resolved.get(name)
+    hit = _resolved.get((tenant_id, name))
     if hit is not None and now - hit[0] < RESOLVE_TTL_S:
         return hit[1]
-    async with asynccontextmanager(db_slot)():
-        model = await anyio.to_thread.run_sync(_lookup, name)
+    async with database_slot():
+        model = await anyio.to_thread.run_sync(_lookup, tenant_id, name)
     with _resolved_lock:
-        _resolved[name] = (now, model)
+        _resolved[tenant_id, name] = (now, model)
     return model
 
 
-def forget(*names: str | None) -> None:
-    """Drop cached look-ups of these names (an alias changed)."""
+def forget(tenant_id: str, *names: str | None) -> None:
+    """Drop the tenant's cached look-ups of these names (an alias changed)."""
     with _resolved_lock:
         for name in names:
             if name is not None:
-                _resolved.pop(name, None)
+                _resolved.pop((tenant_id, name), None)
 
 
 def model_path(model: ServedModel, version: str) -> Path:
@@ -187,9 +192,9 @@ def model_path(model: ServedModel, version: str) -> Path:
     return path
 
 
-def set_alias(session: Session, job_id: str, alias: str) -> Job:
-    """Name a succeeded job's student ``alias``; 409 if another job has it."""
-    job = get_job(session, job_id)
+def set_alias(session: Session, tenant_id: str, job_id: str, alias: str) -> Job:
+    """Name a succeeded job's student ``alias``; 409 if another of the tenant's jobs has it."""
+    job = get_job(session, tenant_id, job_id)
     if job.status != JobStatus.SUCCEEDED:
         raise JobNotReady(
             f"Job {job_id} is {job.status}; only a succeeded job's student can have an alias.",
@@ -197,7 +202,7 @@ def set_alias(session: Session, job_id: str, alias: str) -> Job:
         )
     if _UUID.match(alias):
         raise InvalidInput("An alias cannot be shaped like a job id.", field="alias")
-    holder = session.scalar(select(Job).where(Job.alias == alias))
+    holder = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.alias == alias))
     if holder is not None and holder.id != job_id:
         raise Conflict(
             f"The alias '{alias}' is taken by job {holder.id}.",
@@ -211,13 +216,13 @@ def set_alias(session: Session, job_id: str, alias: str) -> Job:
         raise Conflict(
             f"The alias '{alias}' is taken by another job.", code="alias_taken", field="alias"
         ) from e
-    forget(previous, alias, job_id)
+    forget(tenant_id, previous, alias, job_id)
     return job
 
 
-def clear_alias(session: Session, job_id: str) -> Job:
-    job = get_job(session, job_id)
-    forget(job.alias, job_id)
+def clear_alias(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = get_job(session, tenant_id, job_id)
+    forget(tenant_id, job.alias, job_id)
     job.alias = None
     return job
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import text
 
+from app.auth import PrincipalDep
 from app.config import MIB, Settings, get_settings
 from app.db import get_engine
 from app.errors import AppError
@@ -237,10 +238,13 @@ def _tokenize(model: service.ServedModel, texts: dict[str, np.ndarray]) -> dict[
     return model.tokenize(decoded[TEXT], decoded.get(TEXT_PAIR))
 
 
-async def _served(name: str, version: str | None) -> tuple[service.ServedModel, str]:
-    """The model and the version asked for; an unknown one is a ``ProtocolError`` 404."""
+async def _served(
+    tenant_id: str, name: str, version: str | None
+) -> tuple[service.ServedModel, str]:
+    """The tenant's model and the version asked for; an unknown one is a ``ProtocolError``
+    404."""
     try:
-        model = await service.resolve(name)
+        model = await service.resolve(tenant_id, name)
         version = version or service.DEFAULT_VERSION
         service.model_path(model, version)
     except AppError as e:
@@ -249,7 +253,7 @@ async def _served(name: str, version: str | None) -> tuple[service.ServedModel, 
 
 
 @router.get("", summary="Server metadata")
-def server_metadata() -> dict[str, Any]:
+def server_metadata(_: PrincipalDep) -> dict[str, Any]:
     """``$metadata_server_response``: name, version and the protocol extensions supported."""
     try:
         version = metadata.version(SERVER_NAME)
@@ -275,19 +279,19 @@ def server_ready() -> JSONResponse:
     return JSONResponse({"ready": True})
 
 
-async def _metadata(name: str, version: str | None) -> JSONResponse:
+async def _metadata(tenant_id: str, name: str, version: str | None) -> JSONResponse:
     try:
-        model, version = await _served(name, version)
+        model, version = await _served(tenant_id, name, version)
     except ProtocolError as e:
         return error_response(e.status, e.message)
     versions = model.versions if version is None else [version]
     return JSONResponse(model_metadata(name, model, versions))
 
 
-async def _ready(name: str, version: str | None) -> JSONResponse:
+async def _ready(tenant_id: str, name: str, version: str | None) -> JSONResponse:
     """Ready once loaded and warmed up: asking loads it."""
     try:
-        model, version = await _served(name, version)
+        model, version = await _served(tenant_id, name, version)
     except ProtocolError as e:
         return error_response(e.status, e.message)
     await get_serving_engine().aget(
@@ -297,32 +301,36 @@ async def _ready(name: str, version: str | None) -> JSONResponse:
 
 
 @router.get("/models/{name}", summary="Model metadata")
-async def get_model_metadata(name: str) -> JSONResponse:
+async def get_model_metadata(principal: PrincipalDep, name: str) -> JSONResponse:
     """``$metadata_model_response``: inputs and outputs with their datatypes and shapes (-1
     for the batch and other variable dimensions), all versions, platform ``onnxruntime_onnx``."""
-    return await _metadata(name, None)
+    return await _metadata(principal.tenant_id, name, None)
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-async def get_model_version_metadata(name: str, version: str) -> JSONResponse:
+async def get_model_version_metadata(
+    principal: PrincipalDep, name: str, version: str
+) -> JSONResponse:
     """The metadata of one version."""
-    return await _metadata(name, version)
+    return await _metadata(principal.tenant_id, name, version)
 
 
 @router.get("/models/{name}/ready", summary="Model ready")
-async def model_ready(name: str) -> JSONResponse:
+async def model_ready(principal: PrincipalDep, name: str) -> JSONResponse:
     """200 ``{"name", "ready": true}`` once the model is loaded; 404 for an unknown one."""
-    return await _ready(name, None)
+    return await _ready(principal.tenant_id, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
-async def model_version_ready(name: str, version: str) -> JSONResponse:
-    return await _ready(name, version)
+async def model_version_ready(principal: PrincipalDep, name: str, version: str) -> JSONResponse:
+    return await _ready(principal.tenant_id, name, version)
 
 
-async def _infer(request: Request, name: str, version: str | None, settings: Settings) -> Response:
+async def _infer(
+    request: Request, tenant_id: str, name: str, version: str | None, settings: Settings
+) -> Response:
     try:
-        model, version = await _served(name, version)
+        model, version = await _served(tenant_id, name, version)
         if "inference-header-content-length" in request.headers:
             raise ProtocolError(
                 400,
@@ -385,20 +393,24 @@ _INFER = {
 
 @router.post("/models/{name}/infer", **_INFER)  # type: ignore[arg-type]
 async def infer(
-    request: Request, name: str, settings: Annotated[Settings, Depends(get_settings)]
+    principal: PrincipalDep,
+    request: Request,
+    name: str,
+    settings: Annotated[Settings, Depends(get_settings)],
 ) -> Response:
     """``$inference_request`` in, ``$inference_response`` out: outputs ``logits`` (or the
     signature's name for the class scores) and ``probabilities`` (their softmax), both FP32,
     or those named in ``outputs``; the request's ``id`` is echoed."""
-    return await _infer(request, name, None, settings)
+    return await _infer(request, principal.tenant_id, name, None, settings)
 
 
 @router.post("/models/{name}/versions/{version}/infer", **_INFER)  # type: ignore[arg-type]
 async def infer_version(
+    principal: PrincipalDep,
     request: Request,
     name: str,
     version: str,
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> Response:
     """Inference on one version (``1``, or ``int8`` when the job has it)."""
-    return await _infer(request, name, version, settings)
+    return await _infer(request, principal.tenant_id, name, version, settings)

@@ -2,6 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Response, UploadFile, status
 
+from app.auth import PrincipalDep
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 from app.errors import InvalidInput, problem_responses
 from app.ml.signature import OutputKind
@@ -18,6 +19,7 @@ router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
     responses=problem_responses(413, 415),
 )
 def upload_teacher(
+    principal: PrincipalDep,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -66,6 +68,7 @@ def upload_teacher(
     if file is not None and reference is None:
         teacher = service.create_teacher(
             session,
+            tenant_id=principal.tenant_id,
             store=store,
             upload=store.receive(file.file, max_bytes=settings.max_teacher_bytes),
             filename=file.filename or "teacher",
@@ -76,6 +79,7 @@ def upload_teacher(
     elif reference is not None and file is None:
         teacher = service.create_teacher_from_reference(
             session,
+            tenant_id=principal.tenant_id,
             store=store,
             reference=reference,
             max_bytes=settings.max_teacher_bytes,
@@ -89,21 +93,26 @@ def upload_teacher(
 
 
 @router.get("", response_model=TeacherList)
-def list_teachers(session: SessionDep) -> TeacherList:
-    """List uploaded teachers, newest first."""
-    return TeacherList(items=[TeacherOut.model_validate(t) for t in service.list_teachers(session)])
+def list_teachers(principal: PrincipalDep, session: SessionDep) -> TeacherList:
+    """List the tenant's teachers, newest first."""
+    teachers = service.list_teachers(session, principal.tenant_id)
+    return TeacherList(items=[TeacherOut.model_validate(t) for t in teachers])
 
 
 @router.get("/{teacher_id}", response_model=TeacherOut)
-def get_teacher(session: SessionDep, teacher_id: str) -> TeacherOut:
+def get_teacher(principal: PrincipalDep, session: SessionDep, teacher_id: str) -> TeacherOut:
     """One teacher."""
-    return TeacherOut.model_validate(service.get_teacher(session, teacher_id))
+    return TeacherOut.model_validate(service.get_teacher(session, principal.tenant_id, teacher_id))
 
 
 @router.delete(
     "/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(409)
 )
-def delete_teacher(session: SessionDep, store: StoreDep, teacher_id: str) -> Response:
+def delete_teacher(
+    principal: PrincipalDep, session: SessionDep, store: StoreDep, teacher_id: str
+) -> Response:
     """Delete a teacher that no unfinished job uses."""
-    service.delete_teacher(session, store=store, teacher_id=teacher_id)
+    service.delete_teacher(
+        session, tenant_id=principal.tenant_id, store=store, teacher_id=teacher_id
+    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -69,6 +69,7 @@ def declarations(
 def create_teacher(
     session: Session,
     *,
+    tenant_id: str,
     store: ArtifactStore,
     upload: StoredFile,
     filename: str,
@@ -89,6 +90,7 @@ def create_teacher(
                 DISTILL_KEY: {**architecture.get(DISTILL_KEY, {}), "hub": source},
             }
         teacher = Teacher(
+            tenant_id=tenant_id,
             name=(name or filename)[:255],
             format=info.format,
             sha256=upload.sha256,
@@ -164,6 +166,7 @@ def _hub_snapshot(repo_id: str, revision: str, max_bytes: int) -> Path:
 def create_teacher_from_reference(
     session: Session,
     *,
+    tenant_id: str,
     store: ArtifactStore,
     reference: str,
     max_bytes: int,
@@ -209,6 +212,7 @@ def create_teacher_from_reference(
     source = {"repo_id": repo_id, "revision": revision, "commit": commit, "files": files}
     return create_teacher(
         session,
+        tenant_id=tenant_id,
         store=store,
         upload=upload,
         filename=f"{repo_id}@{commit}",
@@ -219,15 +223,17 @@ def create_teacher_from_reference(
     )
 
 
-def get_teacher(session: Session, teacher_id: str) -> Teacher:
+def get_teacher(session: Session, tenant_id: str, teacher_id: str) -> Teacher:
+    """The tenant's teacher. Raises NotFound, also for another tenant's."""
     teacher = session.get(Teacher, teacher_id)
-    if teacher is None:
+    if teacher is None or teacher.tenant_id != tenant_id:
         raise NotFound(f"No teacher with id {teacher_id}.")
     return teacher
 
 
-def list_teachers(session: Session) -> list[Teacher]:
-    return list(session.scalars(select(Teacher).order_by(Teacher.created_at.desc())))
+def list_teachers(session: Session, tenant_id: str) -> list[Teacher]:
+    query = select(Teacher).where(Teacher.tenant_id == tenant_id)
+    return list(session.scalars(query.order_by(Teacher.created_at.desc())))
 
 
 def lock_teachers(session: Session, teacher_ids: Iterable[str], *, exclusive: bool) -> set[str]:
@@ -253,12 +259,14 @@ def lock_teachers(session: Session, teacher_ids: Iterable[str], *, exclusive: bo
     return set(session.scalars(query))
 
 
-def delete_teacher(session: Session, *, store: ArtifactStore, teacher_id: str) -> None:
+def delete_teacher(
+    session: Session, *, tenant_id: str, store: ArtifactStore, teacher_id: str
+) -> None:
     """Delete a teacher that no unfinished job uses (409 otherwise), with its files once the
     deletion commits. Locked against job submission (``lock_teachers``)."""
     if teacher_id not in lock_teachers(session, [teacher_id], exclusive=True):
         raise NotFound(f"No teacher with id {teacher_id}.")
-    teacher = get_teacher(session, teacher_id)
+    teacher = get_teacher(session, tenant_id, teacher_id)
     active = session.scalar(
         select(JobTeacher.job_id)
         .join(Job, Job.id == JobTeacher.job_id)

@@ -39,6 +39,7 @@ from schemathesis.schemas import BaseSchema
 from app.main import create_app
 from tests.helpers.api import npz_bytes
 from tests.helpers.onnx_teachers import centroid_teacher, write_onnx_teacher
+from tests.helpers.stacks import Stack
 from worker.pipeline import run_job
 
 MAX_EXAMPLES = 25
@@ -62,10 +63,11 @@ CHECKS = [
     "allow_header_conformance",
     "use_after_free",  # stateful: a deleted teacher is gone
     "ensure_resource_availability",  # stateful: what was created can be read back
+    "ignored_auth",  # with API keys on (the server stack): none, or a bad one, is refused
 ]
-# Not checked: what has no meaning for this API. A schema-valid request may well be refused with a
-# 422 (a file that is no model, a job naming a teacher that does not exist), and there is no auth.
-UNCHECKED = ["positive_data_acceptance", "ignored_auth", "object_level_authorization"]
+# Not checked: a schema-valid request may well be refused with a 422 (a file that is no model, a
+# job naming a teacher that does not exist); tenants' isolation is tests/app/test_tenants.py's.
+UNCHECKED = ["positive_data_acceptance", "object_level_authorization"]
 
 FUZZ_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -136,9 +138,12 @@ def seeded(client: TestClient, tmp_path: Path) -> Seeded:
     return _seed(client, tmp_path)
 
 
-def _build_schema(seeded: Seeded) -> BaseSchema:
+def _build_schema(seeded: Seeded, api_key: str | None) -> BaseSchema:
+    """The app's document, fuzzed with ``api_key`` where the stack needs one."""
+    auth = {} if api_key is None else {"auth": {"openapi": {"HTTPBearer": {"bearer": api_key}}}}
     config = schemathesis.Config.from_dict(
         {
+            **auth,
             "seed": 0,
             "generation": {
                 "mode": "all",
@@ -204,8 +209,8 @@ def _build_schema(seeded: Seeded) -> BaseSchema:
 
 
 @pytest.fixture
-def api_schema(seeded: Seeded) -> Iterator[BaseSchema]:
-    yield _build_schema(seeded)
+def api_schema(stack: Stack, seeded: Seeded) -> Iterator[BaseSchema]:
+    yield _build_schema(seeded, stack.api_key)
     # Schemathesis keeps the app it started (its lifespan) for the rest of the process.
     shutdown_lifespans()
 

@@ -13,6 +13,7 @@ from app.datasets.arrays import DatasetArrays
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset, fashion_mnist, is_available
 from app.datasets.service import resolve_dataset
 from app.errors import DatasetUnavailable
+from app.models import DEFAULT_TENANT_ID
 
 DATASETS = list(BUILTIN_DATASETS.values())
 
@@ -145,7 +146,8 @@ def test_a_missing_builtin_is_a_422_saying_how_to_install_it(
 ) -> None:
     monkeypatch.setitem(BUILTIN_DATASETS, dataset.ref, replace(dataset, available=lambda: False))
     with pytest.raises(DatasetUnavailable) as raised:
-        resolve_dataset(None, dataset.ref)  # type: ignore[arg-type]  # builtins need no session
+        # Builtins need no session and belong to no tenant.
+        resolve_dataset(None, DEFAULT_TENANT_ID, dataset.ref)  # type: ignore[arg-type]
     assert raised.value.status == 422 and raised.value.extra["field"] == "dataset"
     assert dataset.install_hint in raised.value.detail
     assert dataset.signature.inputs[0].shape == list(dataset.input_shape)

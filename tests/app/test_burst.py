@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from tests.helpers.api import job_body, upload_teacher
 from tests.helpers.servers import serving
+from tests.helpers.stacks import key_headers
 from tests.helpers.teachers import TeacherFiles
 
 SUBMISSIONS, POLLERS = 50, 10
@@ -33,11 +34,11 @@ def test_a_burst_of_submissions_and_polls_gets_no_5xx(
     body = job_body(teacher["id"])
 
     def submit(_: int) -> int:
-        with httpx.Client(base_url=server_url, timeout=120) as http:
+        with httpx.Client(base_url=server_url, headers=key_headers(), timeout=120) as http:
             return http.post("/v1/jobs", json=body).status_code
 
     def poll(_: int) -> list[int]:
-        with httpx.Client(base_url=server_url, timeout=120) as http:
+        with httpx.Client(base_url=server_url, headers=key_headers(), timeout=120) as http:
             return [http.get("/v1/jobs", params={"limit": 50}).status_code for _ in range(10)]
 
     started = time.monotonic()

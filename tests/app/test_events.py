@@ -33,6 +33,7 @@ from app.jobs.events import (
 from app.models import Job, JobPhase, JobStatus
 from tests.helpers.api import job_body, upload_teacher
 from tests.helpers.servers import serving
+from tests.helpers.stacks import key_headers
 from tests.helpers.teachers import TeacherFiles
 from worker.attempt import Attempt
 from worker.pipeline import run_job
@@ -217,7 +218,7 @@ def read_stream(
     """Every event until the server closes the stream (a timeout fails the test)."""
     headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
     with (
-        httpx.Client(base_url=server_url, timeout=60) as http,
+        httpx.Client(base_url=server_url, headers=key_headers(), timeout=60) as http,
         connect_sse(http, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source,
     ):
         source.response.raise_for_status()
@@ -261,7 +262,7 @@ def test_a_running_job_is_followed_resumed_and_replayed(
 
     def follow() -> None:
         with (
-            httpx.Client(base_url=server_url, timeout=120) as http,
+            httpx.Client(base_url=server_url, headers=key_headers(), timeout=120) as http,
             connect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source,
         ):
             assert source.response.headers["content-type"].startswith("text/event-stream")
@@ -329,7 +330,7 @@ def test_a_running_job_is_followed_resumed_and_replayed(
     assert [e.event for e in replay[-2:]] == ["result", "end"]
     assert data(replay, "preflight") == data(received, "preflight")
     # After `end`, 204: an EventSource stops reconnecting.
-    with httpx.Client(base_url=server_url, timeout=30) as http:
+    with httpx.Client(base_url=server_url, headers=key_headers(), timeout=30) as http:
         after_end = http.get(
             f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": received[-1].id}
         )
@@ -346,7 +347,7 @@ def test_a_job_that_fails_while_followed_ends_with_its_error(
 
     def follow() -> None:
         with (
-            httpx.Client(base_url=server_url, timeout=60) as http,
+            httpx.Client(base_url=server_url, headers=key_headers(), timeout=60) as http,
             connect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source,
         ):
             received.extend(source.iter_sse())
@@ -377,7 +378,7 @@ def test_a_client_that_leaves_a_queued_job_stops_its_stream(
     teacher = upload_teacher(client, digits_teacher)
     job_id = client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"]
     with (
-        httpx.Client(base_url=server_url, timeout=30) as http,
+        httpx.Client(base_url=server_url, headers=key_headers(), timeout=30) as http,
         connect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source,
     ):
         first = next(source.iter_sse())

@@ -173,7 +173,7 @@ def test_an_upload_holding_nul_is_refused_and_leaves_nothing_staged(
 @pytest.fixture
 def failing_client(client: TestClient) -> Iterator[TestClient]:
     """The same app, answering a 500 instead of raising in the test."""
-    with TestClient(client.app, raise_server_exceptions=False) as failing:
+    with TestClient(client.app, raise_server_exceptions=False, headers=client.headers) as failing:
         yield failing
 
 

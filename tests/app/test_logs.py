@@ -42,7 +42,7 @@ def test_each_request_is_one_json_line_with_its_request_id(
 ) -> None:
     from app.main import create_app
 
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(), headers=stack.headers) as client:
         given = client.get("/v1/jobs/no-such-job", headers={"X-Request-ID": "trace-42.a:b"})
         made = client.get("/healthz", headers={"X-Request-ID": "<script>" + "x" * 10})
         other = client.get("/healthz")

@@ -14,6 +14,7 @@ from app import db
 from app.storage import get_store
 from app.teachers import service
 from tests.helpers.api import upload_safetensors_teacher, upload_teacher
+from tests.helpers.stacks import Stack
 from tests.helpers.teachers import TeacherFiles
 
 
@@ -116,13 +117,16 @@ def test_unknown_teacher_is_404(client: TestClient) -> None:
     assert response.json()["code"] == "not_found"
 
 
-def test_delete_teacher(client: TestClient, digits_teacher: TeacherFiles) -> None:
+def test_delete_teacher(stack: Stack, client: TestClient, digits_teacher: TeacherFiles) -> None:
     teacher_id = upload_teacher(client, digits_teacher)["id"]
+    tenant_id = stack.tenant_id
     with db.session_scope() as session:
-        path = get_store().path(service.get_teacher(session, teacher_id).storage_key)
+        path = get_store().path(service.get_teacher(session, tenant_id, teacher_id).storage_key)
     assert path.exists()
     with pytest.raises(RuntimeError), db.session_scope() as session:
-        service.delete_teacher(session, store=get_store(), teacher_id=teacher_id)
+        service.delete_teacher(
+            session, tenant_id=tenant_id, store=get_store(), teacher_id=teacher_id
+        )
         raise RuntimeError("the commit fails")
     assert path.exists()  # rolled back: the row and its file are both still there
     assert client.get(f"/v1/teachers/{teacher_id}").status_code == 200

@@ -717,7 +717,7 @@ def test_a_failure_after_staging_leaves_no_file(
 
     monkeypatch.setattr(ArtifactStore, "adopt", fail)
     before = kept_files()
-    with TestClient(client.app, raise_server_exceptions=False) as failing:
+    with TestClient(client.app, raise_server_exceptions=False, headers=client.headers) as failing:
         response = failing.post(
             "/v1/datasets",
             files={

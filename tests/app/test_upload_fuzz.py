@@ -232,7 +232,9 @@ def api(client: TestClient) -> Iterator[Api]:
     logger, errors = logging.getLogger("app.main"), ServerErrors()
     logger.addFilter(errors)
     try:
-        with TestClient(client.app, raise_server_exceptions=False) as answering:
+        with TestClient(
+            client.app, raise_server_exceptions=False, headers=client.headers
+        ) as answering:
             yield Api(answering, errors)
     finally:
         logger.removeFilter(errors)

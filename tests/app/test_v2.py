@@ -20,7 +20,8 @@ from app.serving.engine import ServingEngine, estimate_bytes, get_serving_engine
 from app.serving.service import find_served_model
 from app.storage import get_store
 from tests.helpers.api import job_body, upload_teacher
-from tests.helpers.servers import serving
+from tests.helpers.servers import serving, v2_client
+from tests.helpers.stacks import Stack
 from tests.helpers.teachers import TeacherFiles
 from worker.pipeline import run_job
 
@@ -30,10 +31,12 @@ class Served:
     job_id: str
     url: str  # http://host:port
     accuracy: float
+    tenant_id: str
+    headers: dict[str, str]  # the stack's key, where it needs one
 
 
 @pytest.fixture
-def served(client: TestClient, digits_teacher: TeacherFiles) -> Iterator[Served]:
+def served(stack: Stack, client: TestClient, digits_teacher: TeacherFiles) -> Iterator[Served]:
     """A succeeded digits job, and the app served by uvicorn in a thread."""
     from app.main import create_app
 
@@ -43,7 +46,8 @@ def served(client: TestClient, digits_teacher: TeacherFiles) -> Iterator[Served]
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
     with serving(create_app()) as address:
-        yield Served(job_id, address, job["result"]["student_accuracy"])
+        accuracy = job["result"]["student_accuracy"]
+        yield Served(job_id, address, accuracy, stack.tenant_id, stack.headers)
 
 
 def fp32_input(x: np.ndarray, name: str = "input") -> triton.InferInput:
@@ -56,7 +60,7 @@ def test_a_student_is_served_over_the_open_inference_protocol(
     client: TestClient, served: Served
 ) -> None:
     data = load_builtin("builtin:digits")
-    triton_client = triton.InferenceServerClient(served.url)
+    triton_client = v2_client(served.url, served.headers)
     assert triton_client.is_server_live() and triton_client.is_server_ready()
     assert triton_client.get_server_metadata()["name"] == "distill"
     assert triton_client.is_model_ready(served.job_id)
@@ -136,7 +140,7 @@ def test_protocol_errors_are_its_own_json(served: Served) -> None:
     sample = [0.0] * 64
 
     def infer(body: object, name: str = served.job_id) -> httpx.Response:
-        return httpx.post(f"{base}/{name}/infer", json=body)
+        return httpx.post(f"{base}/{name}/infer", json=body, headers=served.headers)
 
     def tensor(**overrides: object) -> dict[str, object]:
         return {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": sample} | (
@@ -146,7 +150,11 @@ def test_protocol_errors_are_its_own_json(served: Served) -> None:
     cases = {
         "unknown model": (infer({"inputs": [tensor()]}, "nope"), 404, "Unknown model"),
         "unknown version": (
-            httpx.post(f"{base}/{served.job_id}/versions/7/infer", json={"inputs": [tensor()]}),
+            httpx.post(
+                f"{base}/{served.job_id}/versions/7/infer",
+                json={"inputs": [tensor()]},
+                headers=served.headers,
+            ),
             404,
             "no version '7'",
         ),
@@ -163,12 +171,16 @@ def test_protocol_errors_are_its_own_json(served: Served) -> None:
         ),
         "not a request": (infer({"inputs": "x"}), 400, "Invalid inference request"),
         "not JSON": (
-            httpx.post(f"{base}/{served.job_id}/infer", content=b"{"),
+            httpx.post(f"{base}/{served.job_id}/infer", content=b"{", headers=served.headers),
             400,
             "Invalid inference request",
         ),
-        "no such route": (httpx.get(f"{base}/{served.job_id}/nothing"), 404, "Not Found"),
-        "NUL in a name": (httpx.get(f"{base}/a%00b"), 404, "U+0000"),
+        "no such route": (
+            httpx.get(f"{base}/{served.job_id}/nothing", headers=served.headers),
+            404,
+            "Not Found",
+        ),
+        "NUL in a name": (httpx.get(f"{base}/a%00b", headers=served.headers), 404, "U+0000"),
     }
     for case, (response, status, message) in cases.items():
         assert response.status_code == status, (case, response.text)
@@ -184,7 +196,7 @@ def test_protocol_errors_are_its_own_json(served: Served) -> None:
 
 def test_concurrent_requests_are_micro_batched(served: Served) -> None:
     data = load_builtin("builtin:digits")
-    triton_client = triton.InferenceServerClient(served.url, concurrency=32)
+    triton_client = v2_client(served.url, served.headers, concurrency=32)
     assert triton_client.is_model_ready(served.job_id)
     model = get_serving_engine().cached((served.job_id, "1"))
     assert model is not None
@@ -196,7 +208,7 @@ def test_concurrent_requests_are_micro_batched(served: Served) -> None:
 
     def one(i: int) -> int:
         # tritonclient's HTTP client is not thread-safe: one per thread.
-        own = triton.InferenceServerClient(served.url)
+        own = v2_client(served.url, served.headers)
         assert own.is_server_live()
         barrier.wait()
         logits = own.infer(served.job_id, [body[i]]).as_numpy("logits")
@@ -215,7 +227,7 @@ def test_concurrent_requests_are_micro_batched(served: Served) -> None:
 
 def test_the_engine_evicts_the_least_recently_used_model_by_memory(served: Served) -> None:
     with session_scope() as session:
-        model = find_served_model(session, get_store(), served.job_id)
+        model = find_served_model(session, get_store(), served.tenant_id, served.job_id)
     path, signature = model.paths["1"], model.signature
     one = estimate_bytes(path)
     engine = ServingEngine(max_batch=8, max_wait_ms=1, max_bytes=2 * one + one // 2)

@@ -1,13 +1,21 @@
-"""A real HTTP server for tests that need one (SSE clients, tritonclient, bursts of requests)."""
+"""A real HTTP server for tests that need one (SSE clients, tritonclient, bursts of requests),
+and the fixtures serving the test's stack (a plugin of tests/conftest.py)."""
 
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import pytest
+import tritonclient.http as triton
 import uvicorn
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from tritonclient._plugin import InferenceServerClientPlugin
+
+from app.config import get_settings
 
 
 def free_port() -> int:
@@ -34,3 +42,44 @@ def serving(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@pytest.fixture
+def url(client: TestClient) -> Iterator[str]:
+    """The API served over HTTP on the test's stack (``client`` empties the tables after)."""
+    from app.main import create_app
+
+    with serving(create_app()) as address:
+        yield f"http://{address}"
+
+
+@pytest.fixture
+def keyed_url(client: TestClient) -> Iterator[str]:
+    """``url`` with API keys required (``DISTILL_AUTH=required``), on either stack."""
+    from app.main import create_app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTILL_AUTH", "required")
+        get_settings.cache_clear()
+        with serving(create_app()) as address:
+            yield f"http://{address}"
+    get_settings.cache_clear()
+
+
+class BearerAuth(InferenceServerClientPlugin):
+    """Sends an API key with every request of Triton's client (its plugin interface)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def __call__(self, request: Any) -> None:
+        request.headers.update(self.headers)
+
+
+def v2_client(
+    address: str, headers: dict[str, str], **options: Any
+) -> triton.InferenceServerClient:
+    """Triton's HTTP client of the Open Inference Protocol at ``address``, sending ``headers``."""
+    client = triton.InferenceServerClient(address, **options)
+    client.register_plugin(BearerAuth(headers))
+    return client
