@@ -2,11 +2,17 @@
 
 The client commands (teachers, datasets, jobs, download, predict) talk to the API at --url
 (default: $DISTILL_URL, else http://127.0.0.1:8000, where distill up listens) through
-app.client; --json prints the API's JSON for scripts. Exit codes: 0 done; 1 the API refused (its
-problem's detail and code on stderr) or could not be reached; 2 a usage error; jobs submit --watch
-and jobs watch: 3 the job failed, 4 it was cancelled.
+app.client, with the API key of --api-key (default: $DISTILL_API_KEY) where the server requires
+keys; --json prints the API's JSON for scripts. keys makes, lists and revokes API keys straight in
+the server's database (run it where the server's settings are). With authentication off (the
+embedded default), up, api and serve listen on loopback only, unless DISTILL_AUTH=disabled says
+so explicitly. Exit codes: 0 done; 1 the API refused (its problem's detail and code on stderr),
+could not be reached, or keys found no such key or no usable database; 2 a usage error, or a
+server asked to listen beyond loopback with authentication off; jobs submit --watch and jobs
+watch: 3 the job failed, 4 it was cancelled.
 """
 
+import ipaddress
 import json
 import os
 import signal
@@ -15,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -32,19 +39,22 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.ml.signature import OutputKind
-from app.models import ArtifactFormat, JobStatus
+from app.models import ArtifactFormat, JobStatus, KeyRole
 from app.queue import CONTROL_QUEUE, QUEUE
 
 if TYPE_CHECKING:
     from alembic.config import Config
     from pydantic import BaseModel
+    from sqlalchemy.orm import Session
 
     from app.client import DistillClient
     from app.jobs.schemas import JobOut, JobResult
+    from app.models import ApiKey
 
 EXIT_API_ERROR = 1
+EXIT_USAGE = 2
 EXIT_JOB_FAILED = 3
 EXIT_JOB_CANCELLED = 4
 
@@ -57,9 +67,14 @@ jobs_app = typer.Typer(
     help="Submit and follow jobs; list, show, cancel them, read their metrics.",
     no_args_is_help=True,
 )
+keys_app = typer.Typer(
+    help="Make, list and revoke API keys, straight in the server's database (no HTTP).",
+    no_args_is_help=True,
+)
 app.add_typer(teachers_app, name="teachers")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 err = Console(stderr=True)
@@ -71,6 +86,15 @@ Url = Annotated[
     typer.Option(
         "--url",
         help="the Distill API (default: $DISTILL_URL, else http://127.0.0.1:8000)",
+        show_default=False,
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="DISTILL_API_KEY",
+        help="the API key, where the server requires keys (distill keys create makes one)",
         show_default=False,
     ),
 ]
@@ -145,11 +169,51 @@ def api_command(host: str, port: int) -> list[str]:
     ]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: it may resolve to anything
+        return False
+
+
+def may_listen(host: str, settings: Settings) -> bool:
+    """Whether a server may listen on ``host``: anywhere with API keys required or with
+    authentication disabled explicitly (``DISTILL_AUTH=disabled``), else on loopback only."""
+    return settings.auth_required or settings.auth == "disabled" or is_loopback(host)
+
+
+def check_listen(command: str, host: str) -> None:
+    """Before ``command`` (up, api, serve) listens on ``host``: refuse with exit code 2 where
+    ``may_listen`` says no, else say on stderr when authentication is off."""
+    settings = get_settings()
+    if not may_listen(host, settings):
+        print(
+            f"distill {command}: refusing to listen on {host}: authentication is off (embedded "
+            "mode), which is for loopback only (127.0.0.1, ::1, localhost). Set "
+            "DISTILL_AUTH=required to require API keys (distill keys create makes them), or "
+            "DISTILL_AUTH=disabled to serve without keys anyway.",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    if settings.auth_required:
+        return
+    if settings.auth == "disabled":
+        notice = f"DISTILL_AUTH=disabled: whoever reaches {host} can use it"
+    else:
+        notice = "embedded mode, loopback only; DISTILL_AUTH=required turns API keys on"
+    print(f"distill {command}: authentication is off ({notice})", file=sys.stderr, flush=True)
+
+
 @app.command(short_help="Migrate, then run API and worker together.")
 def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Migrate, then run the API and one worker (with the recovery schedule) until Ctrl-C,
     restarting either if it dies: the worker's recovery schedule is what requeues a job whose
     process was killed, so it must not stay dead unnoticed."""
+    check_listen("up", host)
     migrate()
     commands = [worker_command(concurrency=1, beat=True), api_command(host, port)]
     # One core is left to the API: a job using them all stalls between epochs whenever the API
@@ -201,6 +265,7 @@ def up(host: Host = "127.0.0.1", port: Port = 8000) -> None:
 @app.command()
 def api(host: Host = "127.0.0.1", port: Port = 8000) -> None:
     """Run the API."""
+    check_listen("api", host)
     os.execv(sys.executable, api_command(host, port))
 
 
@@ -211,6 +276,7 @@ def serve(
     workers: Annotated[int, typer.Option(help="server processes (each loads its own models)")] = 1,
 ) -> None:
     """Serve students only: Open Inference Protocol v2, /predict, health."""
+    check_listen("serve", host)
     command = api_command(host, port)
     command[command.index("app.main:create_app")] = "app.serving.app:create_serving_app"
     command += ["--workers", str(workers)]
@@ -241,26 +307,33 @@ app.command("migrate")(migrate)
 
 
 @contextmanager
-def connect(url: str | None, as_json: bool) -> Iterator["DistillClient"]:
-    """A client of the API at ``url``; an API error or an unreachable server ends the command
-    with exit code 1 and the problem on stderr (as JSON with ``--json``)."""
+def connect(url: str | None, api_key: str | None, as_json: bool) -> Iterator["DistillClient"]:
+    """A client of the API at ``url`` with ``api_key``; an API error or an unreachable server
+    ends the command with exit code 1 and the problem on stderr (as JSON with ``--json``; else
+    with a hint when the server wants a key)."""
     # Imported here: the client's schemas load torch, which the server commands do not need.
     from app.client import DistillClient, DistillError
 
-    client = DistillClient(url)
+    client = DistillClient(url, api_key=api_key)
     try:
         with client:
             yield client
     except DistillError as e:
-        fail(e.problem | {"status": e.status, "code": e.code, "detail": e.detail}, as_json)
+        problem = e.problem | {"status": e.status, "code": e.code, "detail": e.detail}
+        hint = None
+        if e.status == 401:
+            hint = "this server needs an API key: --api-key or DISTILL_API_KEY"
+            if e.code != "unauthorized":
+                hint += " (this one was refused; distill keys create on the server makes one)"
+        fail(problem, as_json, hint)
     except httpx.TransportError as e:
         detail = f"cannot reach Distill at {client.url}: {e}"
         fail({"status": None, "code": "unreachable", "detail": detail}, as_json)
 
 
-def fail(problem: dict[str, Any], as_json: bool) -> NoReturn:
-    """Print ``problem`` (its detail, status, code and field; all of it as JSON with
-    ``--json``) on stderr and exit with code 1."""
+def fail(problem: dict[str, Any], as_json: bool, hint: str | None = None) -> NoReturn:
+    """Print ``problem`` (its detail, status, code and field, then ``hint``; the problem alone
+    as JSON with ``--json``) on stderr and exit with code 1."""
     if as_json:
         typer.echo(json.dumps(problem), err=True)
     else:
@@ -269,13 +342,17 @@ def fail(problem: dict[str, Any], as_json: bool) -> NoReturn:
             where.append(f"field {problem['field']}")
         message = f"[bold red]Error:[/] {escape(str(problem['detail']))} ({' '.join(where)})"
         err.print(message, soft_wrap=True)
+        if hint is not None:
+            err.print(f"Hint: {escape(hint)}", soft_wrap=True)
     raise typer.Exit(EXIT_API_ERROR)
 
 
-def print_json(value: "BaseModel | Sequence[BaseModel] | dict[str, Any]") -> None:
-    """``value`` as JSON on stdout (a list of models as a JSON array)."""
+def print_json(value: "BaseModel | Sequence[BaseModel | dict[str, Any]] | dict[str, Any]") -> None:
+    """``value`` as JSON on stdout (a list of models or dicts as a JSON array)."""
     if isinstance(value, Sequence):
-        data: Any = [item.model_dump(mode="json") for item in value]
+        data: Any = [
+            item if isinstance(item, dict) else item.model_dump(mode="json") for item in value
+        ]
     elif isinstance(value, dict):
         data = value
     else:
@@ -415,6 +492,149 @@ def print_job(job: "JobOut") -> None:
         out.print(result_summary(job.result))
 
 
+# -- API keys ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def database(as_json: bool) -> Iterator["Session"]:
+    """A session on the server's database, committed at the end; a refusal (an unknown key, a
+    bad tenant name) or an unusable database ends the command with exit code 1 and the problem
+    on stderr (as JSON with ``--json``)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db import session_scope
+    from app.errors import AppError
+
+    try:
+        with session_scope() as session:
+            yield session
+    except AppError as e:
+        fail({"status": None, "code": e.code, "detail": e.detail, **e.extra}, as_json)
+    except SQLAlchemyError as e:
+        cause = getattr(e, "orig", None) or e
+        detail = f"cannot use the database (has distill migrate run?): {cause}"
+        fail({"status": None, "code": "database_error", "detail": detail}, as_json)
+
+
+def key_record(key: "ApiKey", tenant: str) -> dict[str, Any]:
+    """An API key's fields as ``keys`` prints them with ``--json``: never its hash."""
+    return {
+        "id": key.id,
+        "prefix": key.prefix,
+        "tenant": tenant,
+        "role": str(key.role),
+        "name": key.name,
+        "created_at": key.created_at.isoformat(),
+        "expires_at": None if key.expires_at is None else key.expires_at.isoformat(),
+        "revoked_at": None if key.revoked_at is None else key.revoked_at.isoformat(),
+    }
+
+
+def day(value: datetime | None, none: str = "-") -> str:
+    """The UTC date of ``value`` (ISO 8601), or ``none``."""
+    return none if value is None else value.astimezone(UTC).date().isoformat()
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[
+        str, typer.Option(help="the tenant the key acts for (created if new)", show_default=False)
+    ],
+    role: Annotated[
+        KeyRole, typer.Option(help="admin: also reads the deployment's /metrics")
+    ] = KeyRole.MEMBER,
+    name: Annotated[str, typer.Option(help="a label, to tell keys apart")] = "",
+    expires_in_days: Annotated[
+        int | None, typer.Option(min=1, help="days until it expires (default: never)")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Make an API key; it is shown once, only its hash is stored."""
+    from app.auth import create_key
+
+    expires_at = None
+    if expires_in_days is not None:
+        expires_at = datetime.now(UTC) + timedelta(days=expires_in_days)
+    with database(as_json) as session:
+        key, token = create_key(session, tenant, role, name=name, expires_at=expires_at)
+        record = key_record(key, tenant)
+    # Committed: only now is the key good for anything.
+    if as_json:
+        print_json(record | {"key": token})
+        return
+    rows = [
+        ("prefix", key.prefix),
+        ("tenant", tenant),
+        ("role", str(role)),
+        ("name", name or "-"),
+        (
+            "expires",
+            "never" if key.expires_at is None else key.expires_at.isoformat(timespec="seconds"),
+        ),
+    ]
+    out.print(fields_table(rows))
+    out.print("[bold]The key (store it now: it is not shown again):[/]")
+    typer.echo(token)
+    if not get_settings().auth_required:
+        err.print(
+            "Note: with these settings authentication is off; the server checks keys once "
+            "it runs with DISTILL_AUTH=required (the default with DISTILL_DATABASE_URL set)."
+        )
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """List API keys, newest first (never the keys themselves nor their hashes)."""
+    from app.auth import list_keys
+
+    with database(as_json) as session:
+        keys = list_keys(session, tenant)
+        records = [key_record(key, tenant_name) for key, tenant_name in keys]
+    if as_json:
+        print_json(records)
+        return
+    # Prefixes (to revoke by), roles and dates whole; tenants and names cut when narrow.
+    table = listing(
+        Column("prefix", no_wrap=True, min_width=8),
+        "tenant",
+        Column("role", no_wrap=True, min_width=6),
+        "name",
+        *(Column(date, no_wrap=True, min_width=10) for date in ("created", "expires", "revoked")),
+    )
+    for key, tenant_name in keys:
+        table.add_row(
+            key.prefix,
+            escape(tenant_name),
+            str(key.role),
+            escape(key.name) or "-",
+            day(key.created_at),
+            day(key.expires_at, "never"),
+            day(key.revoked_at),
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    prefix: Annotated[str, typer.Argument(help="the key's prefix, or the whole key")],
+    as_json: AsJson = False,
+) -> None:
+    """Revoke an API key: the server refuses it from its next request on."""
+    from app.auth import revoke_key
+    from app.models import Tenant
+
+    with database(as_json) as session:
+        key = revoke_key(session, prefix)
+        record = key_record(key, session.get_one(Tenant, key.tenant_id).name)
+    if as_json:
+        print_json(record)
+        return
+    out.print(f"Key {key.prefix} of tenant {escape(record['tenant'])} revoked")
+
+
 # -- teachers ---------------------------------------------------------------------------------
 
 
@@ -446,10 +666,11 @@ def teachers_upload(
         str | None, typer.Option(help='JSON, e.g. \'{"kind": "image", "scale": 0.0039}\'')
     ] = None,
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Upload a teacher: ONNX, safetensors with --config, or a Hugging Face archive."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         teacher = client.upload_teacher(
             file,
             name=name,
@@ -469,9 +690,9 @@ def teachers_upload(
 
 
 @teachers_app.command("list")
-def teachers_list(url: Url = None, as_json: AsJson = False) -> None:
+def teachers_list(url: Url = None, api_key: ApiKeyOption = None, as_json: AsJson = False) -> None:
     """List the uploaded teachers, newest first."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         teachers = client.list_teachers()
     if as_json:
         print_json(teachers)
@@ -493,10 +714,11 @@ def teachers_list(url: Url = None, as_json: AsJson = False) -> None:
 def teachers_show(
     teacher_id: Annotated[str, typer.Argument(help="the teacher's id")],
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Show a teacher: format, size, signature, feature layers."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         t = client.get_teacher(teacher_id)
     if as_json:
         print_json(t)
@@ -523,10 +745,11 @@ def teachers_show(
 def teachers_rm(
     teacher_id: Annotated[str, typer.Argument(help="the teacher's id")],
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Delete a teacher that no unfinished job uses."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         client.delete_teacher(teacher_id)
     if as_json:
         print_json({"id": teacher_id, "deleted": True})
@@ -555,10 +778,11 @@ def datasets_upload(
     ] = None,
     label_column: Annotated[str | None, typer.Option(help="text: the label column")] = None,
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Upload a dataset: .npz arrays (x, y, optional x_test, y_test) or text records."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         dataset = client.upload_dataset(
             file,
             test_file=test_file,
@@ -578,9 +802,9 @@ def datasets_upload(
 
 
 @datasets_app.command("list")
-def datasets_list(url: Url = None, as_json: AsJson = False) -> None:
+def datasets_list(url: Url = None, api_key: ApiKeyOption = None, as_json: AsJson = False) -> None:
     """List the builtin datasets (and whether the server has them) and the uploaded ones."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         datasets = client.list_datasets()
     if as_json:
         print_json(datasets)
@@ -685,11 +909,12 @@ def jobs_submit(
         ),
     ] = False,
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Submit a distillation job."""
     spec = read_spec(spec_file, teacher, dataset)
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         job = client.submit_job(spec)
         if not as_json:
             out.print(f"Job {job.id} submitted ({job.status})")
@@ -719,10 +944,11 @@ def jobs_list(
     limit: Annotated[int, typer.Option(min=1, max=200, help="jobs per page")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="jobs to skip")] = 0,
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """List jobs, newest first."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         page = client.list_jobs(limit=limit, offset=offset, status=status)
     if as_json:
         print_json(page)
@@ -747,9 +973,11 @@ JobId = Annotated[str, typer.Argument(help="the job's id")]
 
 
 @jobs_app.command("watch")
-def jobs_watch(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+def jobs_watch(
+    job_id: JobId, url: Url = None, api_key: ApiKeyOption = None, as_json: AsJson = False
+) -> None:
     """Follow a job to its end (exit 3 if it fails, 4 if cancelled), then show it."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         job = client.get_job(job_id)
         job = follow_quietly(client, job) if as_json else watch(client, job)
     if as_json:
@@ -760,9 +988,11 @@ def jobs_watch(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+def jobs_show(
+    job_id: JobId, url: Url = None, api_key: ApiKeyOption = None, as_json: AsJson = False
+) -> None:
     """Show a job: status, phase, progress, and its result or error."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         job = client.get_job(job_id)
     if as_json:
         print_json(job)
@@ -771,9 +1001,11 @@ def jobs_show(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+def jobs_cancel(
+    job_id: JobId, url: Url = None, api_key: ApiKeyOption = None, as_json: AsJson = False
+) -> None:
     """Cancel a job: at once if queued, at the worker's next check if running."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         job = client.cancel_job(job_id)
     if as_json:
         print_json(job)
@@ -782,9 +1014,11 @@ def jobs_cancel(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None
 
 
 @jobs_app.command("metrics")
-def jobs_metrics(job_id: JobId, url: Url = None, as_json: AsJson = False) -> None:
+def jobs_metrics(
+    job_id: JobId, url: Url = None, api_key: ApiKeyOption = None, as_json: AsJson = False
+) -> None:
     """Show a job's metrics, one row per epoch."""
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         rows = client.job_metrics(job_id)
     if as_json:
         print_json(rows)
@@ -816,6 +1050,7 @@ def download(
     ] = None,
     format: Annotated[ArtifactFormat, typer.Option(help="what to download")] = ArtifactFormat.ONNX,
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Download a job's student (sha256 checked), or a builtin dataset's files."""
@@ -825,7 +1060,7 @@ def download(
         data_dir = get_settings().resolved_data_dir / "fashion-mnist"
         print(f"Downloaded to {fashion_mnist.download(data_dir)}")
         return
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         artifact = client.download_artifact(target, output, format=format)
     if as_json:
         print_json(
@@ -852,6 +1087,7 @@ def predict(
         ),
     ],
     url: Url = None,
+    api_key: ApiKeyOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Classify samples with a job's student."""
@@ -862,7 +1098,7 @@ def predict(
     samples = body.get("inputs") if isinstance(body, dict) else body
     if not isinstance(samples, list):
         raise typer.BadParameter('not a list, nor {"inputs": [...]}', param_hint="INPUTS")
-    with connect(url, as_json) as client:
+    with connect(url, api_key, as_json) as client:
         answer = client.predict(job_id, samples)
     if as_json:
         print_json(answer)

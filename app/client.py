@@ -2,9 +2,11 @@
 ``AsyncDistillClient`` (asyncio), with the same methods. Responses are the API's own pydantic
 schemas; an error response raises ``DistillError`` with its RFC 9457 problem (``status``,
 ``code``, ``detail``, ``field``). ``events`` follows a job's server-sent events and reconnects with
-``Last-Event-ID`` when the connection drops, so no event is lost or repeated.
+``Last-Event-ID`` when the connection drops, so no event is lost or repeated. A server that
+requires API keys gets ``api_key`` (default: ``$DISTILL_API_KEY``) as ``Authorization: Bearer``
+on every request, event streams and downloads included.
 
-    with DistillClient("http://127.0.0.1:8000") as distill:
+    with DistillClient("http://127.0.0.1:8000", api_key="dsk_...") as distill:
         teacher = distill.upload_teacher("teacher.onnx")
         job = distill.submit_job({"teacher": teacher.id, "dataset": "builtin:digits",
                                   "student": {"architecture": "mlp", "hidden_sizes": [32]}})
@@ -46,6 +48,13 @@ RECONNECT_TRIES = 5
 def default_url() -> str:
     """The server address: ``DISTILL_URL`` if set, else the one ``distill up`` listens on."""
     return os.environ.get("DISTILL_URL", DEFAULT_URL)
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for ``api_key`` (``$DISTILL_API_KEY`` when None); none
+    without a key."""
+    key = os.environ.get("DISTILL_API_KEY") if api_key is None else api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class DistillError(Exception):
@@ -212,7 +221,8 @@ class _Download:
 
 
 class DistillClient:
-    """The Distill API over one ``httpx.Client`` (connection pool); close it, or use ``with``."""
+    """The Distill API over one ``httpx.Client`` (connection pool), authenticated by ``api_key``
+    (default: ``$DISTILL_API_KEY``) when there is one; close it, or use ``with``."""
 
     def __init__(
         self,
@@ -220,9 +230,15 @@ class DistillClient:
         *,
         timeout: httpx.Timeout | float = TIMEOUT,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url or default_url()
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.url,
+            timeout=timeout,
+            transport=transport,
+            headers=_auth_headers(api_key),
+        )
 
     def __enter__(self) -> Self:
         return self
@@ -420,9 +436,15 @@ class AsyncDistillClient:
         *,
         timeout: httpx.Timeout | float = TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url or default_url()
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=timeout,
+            transport=transport,
+            headers=_auth_headers(api_key),
+        )
 
     async def __aenter__(self) -> Self:
         return self

@@ -1,31 +1,24 @@
 """``app.client`` against the API served over HTTP (uvicorn in a thread), on both stacks, with no
 worker: uploads, reads, a queued job cancelled, its events replayed and resumed, errors as
-``DistillError``. The CLI's end-to-end tests (tests/test_cli.py) train through it with a worker."""
+``DistillError``; with API keys required, the key on every request (event streams and downloads
+too) and the 401s without one or with a revoked one. The CLI's end-to-end tests
+(tests/test_cli.py) train through it with a worker."""
 
 import asyncio
-from collections.abc import Iterator
+import uuid
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
+from app.auth import create_key, revoke_key
 from app.client import AsyncDistillClient, DistillClient, DistillError
 from app.datasets.loading import load_builtin
+from app.db import session_scope
 from app.jobs.schemas import DistillationSpec
 from app.ml.signature import OutputKind
 from app.models import JobStatus
 from tests.helpers.api import job_body, npz_bytes
-from tests.helpers.servers import serving
 from tests.helpers.teachers import TeacherFiles
-
-
-@pytest.fixture
-def url(client: TestClient) -> Iterator[str]:
-    """The API served over HTTP on the test's stack (``client`` empties the tables after)."""
-    from app.main import create_app
-
-    with serving(create_app()) as address:
-        yield f"http://{address}"
 
 
 def test_the_sync_client(url: str, digits_teacher: TeacherFiles, tmp_path: Path) -> None:
@@ -101,5 +94,60 @@ def test_the_async_client(url: str, digits_teacher: TeacherFiles) -> None:
             assert missing.value.status in (404, 409)
             await distill.delete_teacher(teacher.id)
             assert await distill.list_teachers() == []
+
+    asyncio.run(scenario())
+
+
+def test_the_clients_send_their_api_key(
+    keyed_url: str, digits_teacher: TeacherFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with session_scope() as session:
+        tenant = f"client-{uuid.uuid4().hex[:8]}"
+        _, key = create_key(session, tenant, name="client test")
+        _, revoked = create_key(session, tenant)
+        revoke_key(session, revoked)
+
+    with DistillClient(keyed_url, api_key=key) as distill:
+        teacher = distill.upload_teacher(digits_teacher.onnx)
+        assert [t.id for t in distill.list_teachers()] == [teacher.id]
+        # The event stream and the download carry the key too: past it, to the missing job.
+        with pytest.raises(DistillError) as no_events:
+            list(distill.events("no-such-job"))
+        assert no_events.value.code == "not_found"
+        with pytest.raises(DistillError) as no_artifact:
+            distill.download_artifact("no-such-job", tmp_path)
+        assert no_artifact.value.code == "not_found"
+
+    # "" sends no key, even with $DISTILL_API_KEY set; None takes $DISTILL_API_KEY.
+    monkeypatch.setenv("DISTILL_API_KEY", key)
+    with DistillClient(keyed_url, api_key="") as anonymous:
+        for refused in (
+            anonymous.list_teachers,
+            lambda: list(anonymous.events("no-such-job")),
+            lambda: anonymous.download_artifact("no-such-job", tmp_path),
+        ):
+            with pytest.raises(DistillError) as unauthorized:
+                refused()
+            assert (unauthorized.value.status, unauthorized.value.code) == (401, "unauthorized")
+    with DistillClient(keyed_url) as from_env:
+        assert [t.id for t in from_env.list_teachers()] == [teacher.id]
+    with DistillClient(keyed_url, api_key=revoked) as distill, pytest.raises(DistillError) as e:
+        distill.get_teacher(teacher.id)
+    assert (e.value.status, e.value.code) == (401, "key_revoked")
+
+    async def scenario() -> None:
+        async with AsyncDistillClient(keyed_url, api_key=key) as distill:
+            assert [t.id for t in await distill.list_teachers()] == [teacher.id]
+            with pytest.raises(DistillError) as no_events:
+                [event async for event in distill.events("no-such-job")]
+            assert no_events.value.code == "not_found"
+        async with AsyncDistillClient(keyed_url, api_key="") as anonymous:
+            with pytest.raises(DistillError) as unauthorized:
+                await anonymous.download_artifact("no-such-job", tmp_path)
+            assert (unauthorized.value.status, unauthorized.value.code) == (401, "unauthorized")
+        async with AsyncDistillClient(keyed_url, api_key=f"{revoked}x") as distill:
+            with pytest.raises(DistillError) as invalid:
+                await distill.list_teachers()
+            assert (invalid.value.status, invalid.value.code) == (401, "invalid_key")
 
     asyncio.run(scenario())
