@@ -1,6 +1,7 @@
-// One job: GET /v1/jobs/{id}, then its server-sent events (/v1/jobs/{id}/events) feed the
-// status, the progress and the curves; the result brings the comparison, the per-class accuracy,
-// the downloads and the predict form. Charts: uPlot (vendored, see NOTICE.uPlot.txt).
+// One job: GET /v1/jobs/{id}, then its server-sent events (/v1/jobs/{id}/events, read over fetch
+// by common.js's eventStream so that they carry the API key) feed the status, the progress and
+// the curves; the result brings the comparison, the per-class accuracy, the downloads (fetched
+// with the key) and the predict form. Charts: uPlot (vendored, see NOTICE.uPlot.txt).
 "use strict";
 
 const jobId = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop());
@@ -23,7 +24,11 @@ const ACCURACY_SERIES = [
 const epochs = new Map();
 const charts = {};
 let stream = null;
-let resultShown = false;
+// The result's extras (manifest: per-class names, downloads, predict) once loaded.
+let resultLoaded = false;
+let manifestLoading = null;
+// The student's signature (from the manifest) once the predict form is set up.
+let predictSignature = null;
 
 function chartData(series, log) {
   const xs = [...epochs.keys()].sort((a, b) => a - b);
@@ -175,9 +180,24 @@ function showDownloads(r, preprocessing) {
   ];
   const items = formats
     .filter(([, , shown]) => shown !== false)
-    .map(([format, label]) =>
-      el("li", {}, el("a", { href: `${jobPath}/artifact?format=${format}`, download: "" }, label)),
-    );
+    .map(([format, label]) => {
+      const href = `${jobPath}/artifact?format=${format}`;
+      const link = el("a", { href, download: "", dataset: { format } }, label);
+      // A plain link cannot send the key: fetched with it, then saved under the server's name.
+      link.addEventListener("click", async (event) => {
+        event.preventDefault();
+        if (link.dataset.state === "downloading") return;
+        link.dataset.state = "downloading";
+        try {
+          link.dataset.file = await download(href, `${jobId}-${format}`);
+          link.dataset.state = "done";
+        } catch (e) {
+          link.dataset.state = "failed";
+          showError(document.getElementById("error"), e);
+        }
+      });
+      return el("li", {}, link);
+    });
   document.getElementById("downloads").replaceChildren(...items);
 }
 
@@ -187,11 +207,11 @@ function zeros(shape) {
 }
 
 function setUpPredict(signature) {
+  predictSignature = signature;
   const preprocessing = signature.preprocessing || { kind: "tensor" };
   const input = document.getElementById("predict-input");
   const hint = document.getElementById("predict-hint");
-  const text = preprocessing.kind === "text";
-  if (text) {
+  if (preprocessing.kind === "text") {
     hint.textContent = preprocessing.pairs
       ? "One record: the text on the first line, its pair on the second"
       : "One record: a text";
@@ -202,98 +222,132 @@ function setUpPredict(signature) {
     const size = shape.reduce((a, b) => a * b, 1);
     if (!input.value && size <= MAX_PREFILL) input.value = JSON.stringify(zeros(shape));
   }
-  document.getElementById("predict-form").addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const output = document.getElementById("predict-output");
-    const button = document.getElementById("predict-submit");
-    output.className = "";
-    let sample;
-    try {
-      if (text) {
-        const lines = input.value.split("\n");
-        sample = preprocessing.pairs ? [lines[0], lines.slice(1).join("\n")] : input.value;
-      } else {
-        sample = JSON.parse(input.value);
-      }
-    } catch (e) {
-      output.className = "error";
-      output.textContent = `Not JSON: ${e.message}`;
-      return;
-    }
-    button.disabled = true;
-    try {
-      const answer = await api(`${jobPath}/predict`, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ inputs: [sample] }),
-      });
-      const probability = Math.max(...answer.probabilities[0]);
-      output.dataset.label = answer.labels[0];
-      output.textContent = `Predicted: ${answer.labels[0]} (probability ${fmtPercent(probability)})`;
-    } catch (e) {
-      output.className = "error";
-      output.textContent = e.message;
-    } finally {
-      button.disabled = false;
-    }
-  });
 }
 
-async function showResult(result) {
-  if (resultShown) return;
-  resultShown = true;
-  showComparison(result);
-  document.getElementById("results").hidden = false;
+async function predict(event) {
+  event.preventDefault();
+  if (!predictSignature) return;
+  const preprocessing = predictSignature.preprocessing || { kind: "tensor" };
+  const input = document.getElementById("predict-input");
+  const output = document.getElementById("predict-output");
+  const button = document.getElementById("predict-submit");
+  output.className = "";
+  let sample;
   try {
-    const manifest = await api(`${jobPath}/artifact?format=manifest`);
-    const signature = manifest.signature;
-    showPerClass(result, signature.outputs[0].classes);
-    showDownloads(result, signature.preprocessing || {});
-    setUpPredict(signature);
+    if (preprocessing.kind === "text") {
+      const lines = input.value.split("\n");
+      sample = preprocessing.pairs ? [lines[0], lines.slice(1).join("\n")] : input.value;
+    } else {
+      sample = JSON.parse(input.value);
+    }
   } catch (e) {
-    showPerClass(result, null);
-    showError(document.getElementById("error"), e);
+    output.className = "error";
+    output.textContent = `Not JSON: ${e.message}`;
+    return;
+  }
+  button.disabled = true;
+  try {
+    const answer = await api(`${jobPath}/predict`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ inputs: [sample] }),
+    });
+    const probability = Math.max(...answer.probabilities[0]);
+    output.dataset.label = answer.labels[0];
+    output.textContent = `Predicted: ${answer.labels[0]} (probability ${fmtPercent(probability)})`;
+  } catch (e) {
+    output.className = "error";
+    output.textContent = e.message;
+    if (needsKey(e)) showError(document.getElementById("error"), e);
+  } finally {
+    button.disabled = false;
   }
 }
 
-function follow() {
-  stream = new EventSource(`${jobPath}/events`);
-  const on = (type, handle) =>
-    stream.addEventListener(type, (event) => {
-      // The job's `error` event shares its name with EventSource's own connection errors,
-      // which carry no data (the EventSource then reconnects by itself).
-      if (typeof event.data === "string") handle(JSON.parse(event.data));
-    });
-  on("status", (data) => showStatus(data.status, data.phase));
-  on("progress", (data) => showProgress(data.progress));
-  on("metrics", (data) => {
-    epochs.set(data.epoch, data.values);
-    drawCharts();
-  });
-  on("preflight", () => {});
-  on("result", (result) => showResult(result));
-  on("error", (error) => {
-    showError(document.getElementById("error"), `${error.code || "error"}: ${error.detail || JSON.stringify(error)}`);
-  });
-  on("end", (data) => {
-    showStatus(data.status, data.status === "succeeded" ? "done" : "");
-    if (data.status === "succeeded") showProgress(1);
-    stream.close();
-  });
+function showResult(result) {
+  showComparison(result);
+  document.getElementById("results").hidden = false;
+  // The manifest once (a replayed stream's result again only after it failed, e.g. with a 401).
+  if (resultLoaded || manifestLoading) return;
+  manifestLoading = (async () => {
+    try {
+      const manifest = await api(`${jobPath}/artifact?format=manifest`);
+      const signature = manifest.signature;
+      showPerClass(result, signature.outputs[0].classes);
+      showDownloads(result, signature.preprocessing || {});
+      setUpPredict(signature);
+      resultLoaded = true;
+    } catch (e) {
+      showPerClass(result, null);
+      showError(document.getElementById("error"), e);
+    } finally {
+      manifestLoading = null;
+    }
+  })();
 }
 
-async function main() {
-  document.getElementById("job-id").textContent = jobId;
-  document.title = `Distill: job ${jobId}`;
+const EVENT_HANDLERS = {
+  status: (data) => showStatus(data.status, data.phase),
+  progress: (data) => showProgress(data.progress),
+  metrics: (data) => {
+    epochs.set(data.epoch, data.values);
+    drawCharts();
+  },
+  preflight: () => {},
+  result: (result) => showResult(result),
+  // The job's own error event (the connection's troubles are the stream's state, not events).
+  error: (error) => {
+    showError(document.getElementById("error"), `${error.code || "error"}: ${error.detail || JSON.stringify(error)}`);
+  },
+  end: (data) => {
+    showStatus(data.status, data.status === "succeeded" ? "done" : "");
+    if (data.status === "succeeded") showProgress(1);
+    if (stream) stream.close();
+  },
+};
+
+function follow() {
+  if (stream) stream.close();
+  const own = eventStream(`${jobPath}/events`, {
+    onEvent: (event) => {
+      const handle = EVENT_HANDLERS[event.type];
+      if (handle) handle(JSON.parse(event.data));
+    },
+    // connecting, open, reconnecting, closed or failed (a closed stream's last word too)
+    onState: (state) => {
+      if (stream === own) document.body.dataset.stream = state;
+    },
+    onFailure: (error) => showError(document.getElementById("error"), error),
+  });
+  stream = own;
+}
+
+// The job, then its events; again after a key was saved or forgotten (the last load wins).
+let loads = 0;
+
+async function load() {
+  if (stream) stream.close();
+  stream = null;
+  loads += 1;
+  const mine = loads;
+  const error = document.getElementById("error");
   try {
     const job = await api(jobPath);
+    if (mine !== loads) return;
+    hideError(error);
     showSpec(job);
     showStatus(job.status, job.phase);
     showProgress(job.progress);
   } catch (e) {
-    showError(document.getElementById("error"), e);
+    if (mine === loads) showError(error, e);
     return;
   }
+  follow();
+}
+
+function main() {
+  document.getElementById("job-id").textContent = jobId;
+  document.title = `Distill: job ${jobId}`;
   document.getElementById("cancel").addEventListener("click", async () => {
     try {
       const job = await api(`${jobPath}/cancel`, { method: "POST" });
@@ -302,13 +356,15 @@ async function main() {
       showError(document.getElementById("error"), e);
     }
   });
-  follow();
+  document.getElementById("predict-form").addEventListener("submit", predict);
   window.addEventListener("resize", () => {
     for (const [id, chart] of Object.entries(charts)) {
       const width = Math.max(300, document.getElementById(id).clientWidth - 4);
       chart.plot.setSize({ width, height: 240 });
     }
   });
+  onKeyChange(load);
+  load();
 }
 
 main();

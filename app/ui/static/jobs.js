@@ -1,4 +1,5 @@
-// The jobs list: GET /v1/jobs, polled while any job is still going.
+// The jobs list: GET /v1/jobs, polled while any job is still going (and with a key, if one is
+// needed: after a 401 it waits for one to be saved).
 "use strict";
 
 const BUSY_POLL_MS = 1500;
@@ -29,11 +30,19 @@ function jobRow(job) {
   );
 }
 
+// Each refresh supersedes the one before (a key saved meanwhile starts a new one at once).
+let generation = 0;
+let timer = null;
+
 async function refresh() {
+  clearTimeout(timer);
+  generation += 1;
+  const mine = generation;
   const error = document.getElementById("error");
   let busy = false;
   try {
     const page = await api("/v1/jobs?limit=100");
+    if (mine !== generation) return;
     const body = document.querySelector("#jobs tbody");
     body.replaceChildren(...page.items.map(jobRow));
     busy = page.items.some((job) => !TERMINAL.has(job.status));
@@ -41,11 +50,19 @@ async function refresh() {
       page.total === 0
         ? "No jobs yet: submit one with POST /v1/jobs."
         : `${page.total} job${page.total === 1 ? "" : "s"}${page.total > page.items.length ? `, the newest ${page.items.length} shown` : ""}.`;
-    error.hidden = true;
+    hideError(error);
   } catch (e) {
+    if (mine !== generation) return;
     showError(error, e);
+    if (needsKey(e)) {
+      // Nothing to show without a key: no more polling until one is saved.
+      document.querySelector("#jobs tbody").replaceChildren();
+      document.getElementById("summary").textContent = "An API key is needed to list the jobs.";
+      return;
+    }
   }
-  setTimeout(refresh, busy ? BUSY_POLL_MS : IDLE_POLL_MS);
+  timer = setTimeout(refresh, busy ? BUSY_POLL_MS : IDLE_POLL_MS);
 }
 
+onKeyChange(refresh);
 refresh();
