@@ -7,7 +7,9 @@ student:
 - an HTTP no-op route (``/v2/health/live``) on the same server;
 - ``/v1/jobs/{id}/predict`` and ``/v2/models/{id}/infer`` at batch 1 (p50, p99);
 - throughput of ``/v2/.../infer`` with 1 and with 64 concurrent single-sample clients, with
-  micro-batching (``DISTILL_SERVE_MAX_BATCH=64``) and without (``=1``).
+  micro-batching (``DISTILL_SERVE_MAX_BATCH=64``) and without (``=1``);
+- what API keys cost: ``/v2/.../infer`` latency and 64-client throughput with keys required
+  (``DISTILL_AUTH=required``, each request's key read from the database) against without.
 
 Each server is ``distill serve`` (one uvicorn process); clients are processes of threads with
 keep-alive connections, so that the client's own cost stays off the server's core.
@@ -62,12 +64,13 @@ def train_job(home: Path) -> str:
 
 def bare_onnxruntime(home: Path, job_id: str, n: int) -> list[float]:
     from app.db import session_scope
+    from app.models import DEFAULT_TENANT_ID
     from app.serving.engine import ServingEngine
     from app.serving.service import find_served_model
     from app.storage import get_store
 
     with session_scope() as session:
-        model = find_served_model(session, get_store(), job_id)
+        model = find_served_model(session, get_store(), DEFAULT_TENANT_ID, job_id)
     engine = ServingEngine(max_batch=64, max_wait_ms=2, max_bytes=1 << 30)
     loaded = engine.get(model.key("1"), model.paths["1"], model.signature)
     x = {"input": np.zeros((1, 1, 8, 8), np.float32)}
@@ -81,12 +84,16 @@ def bare_onnxruntime(home: Path, job_id: str, n: int) -> list[float]:
 
 
 def start_server(
-    home: Path, max_batch: int, workers: int = 1
+    home: Path, max_batch: int, workers: int = 1, auth: str = "disabled"
 ) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"DISTILL_HOME": str(home), "DISTILL_SERVE_MAX_BATCH": str(max_batch)}
+    env = os.environ | {
+        "DISTILL_HOME": str(home),
+        "DISTILL_SERVE_MAX_BATCH": str(max_batch),
+        "DISTILL_AUTH": auth,
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
@@ -125,11 +132,23 @@ def _bodies(job_id: str) -> dict[str, tuple[str, str, bytes]]:
     }
 
 
-def latencies(port: int, method: str, path: str, body: bytes, n: int) -> list[float]:
+def api_key(home: Path) -> dict[str, str]:
+    """A new key of the ``bench`` tenant in ``home``'s database, as a header."""
+    from app.auth import create_key
+    from app.db import session_scope
+
+    with session_scope() as session:
+        token = create_key(session, "bench")[1]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def latencies(
+    port: int, method: str, path: str, body: bytes, n: int, auth: dict[str, str] | None = None
+) -> list[float]:
     import http.client
 
     connection = http.client.HTTPConnection("127.0.0.1", port)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(auth or {})}
     times = []
     for i in range(n + 50):
         start = time.perf_counter()
@@ -143,17 +162,19 @@ def latencies(port: int, method: str, path: str, body: bytes, n: int) -> list[fl
     return times
 
 
-def _client_process(args: tuple[int, str, bytes, int, float, float]) -> tuple[int, int]:
+def _client_process(
+    args: tuple[int, str, bytes, int, float, float, dict[str, str]],
+) -> tuple[int, int]:
     """``threads`` clients sending one request after another until ``stop_at``."""
     import http.client
 
-    port, path, body, threads, start_at, stop_at = args
+    port, path, body, threads, start_at, stop_at, auth = args
     counts = [0] * threads
     errors = [0] * threads
 
     def client(i: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **auth}
         while time.time() < start_at:
             time.sleep(0.001)
         while time.time() < stop_at:
@@ -174,7 +195,13 @@ def _client_process(args: tuple[int, str, bytes, int, float, float]) -> tuple[in
 
 
 def throughput(
-    port: int, path: str, body: bytes, clients: int, seconds: float, processes: int
+    port: int,
+    path: str,
+    body: bytes,
+    clients: int,
+    seconds: float,
+    processes: int,
+    auth: dict[str, str] | None = None,
 ) -> tuple[float, int]:
     processes = max(1, min(processes, clients))
     start_at = time.time() + 1.0
@@ -182,7 +209,7 @@ def throughput(
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         results = pool.map(
-            _client_process, [(port, path, body, s, start_at, stop_at) for s in shares]
+            _client_process, [(port, path, body, s, start_at, stop_at, auth or {}) for s in shares]
         )
     done = sum(r[0] for r in results)
     return done / seconds, sum(r[1] for r in results)
@@ -246,6 +273,26 @@ def main() -> None:
             server.terminate()
             server.wait()
         print(f"{label:<42}{one:>10.0f}/s{many:>10.0f}/s{many / one:>8.2f}{e1 + e64:>8}")
+
+    print()
+    print(f"{'API keys, /v2 infer, single samples':<42}{'p50 ms':>10}{'p99 ms':>10}"
+          f"{'64 clients':>12}{'errors':>8}")  # fmt: skip
+    key = api_key(home)
+    for auth, label, headers in (
+        ("disabled", "without keys", {}),
+        ("required", "keys required (a key sent)", key),
+    ):
+        server, port = start_server(home, 64, args.server_workers, auth)
+        try:
+            latencies(port, method, path, body, 20, headers)
+            times = latencies(port, method, path, body, args.requests, headers)
+            many, errors = throughput(
+                port, path, body, 64, args.seconds, args.client_processes, headers
+            )
+        finally:
+            server.terminate()
+            server.wait()
+        print(f"{label:<42}{_ms(times, 50):>10}{_ms(times, 99):>10}{many:>10.0f}/s{errors:>8}")
 
 
 def _ms(times: list[float], q: float) -> str:
