@@ -1,12 +1,12 @@
 """Engine and sessions. Requests get one session that commits or rolls back (``get_session``);
 the worker opens short ones with ``session_scope`` and never holds one across training."""
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
@@ -20,6 +20,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def lock_rows(session: Session, model: Any, ids: Iterable[str], *, exclusive: bool) -> set[str]:
+    """Lock these rows of ``model`` (a table with an ``id``) until the transaction ends; returns
+    the ids that still exist.
+
+    Submitting a job takes a shared lock on its teachers and dataset, deleting one an exclusive
+    one: whichever comes second waits for the other's commit, then sees it (the job, or the row's
+    absence). On PostgreSQL these are row locks (``FOR KEY SHARE``: submissions do not wait for
+    one another; ``FOR UPDATE``); SQLite has one writer at a time, so both take its write lock,
+    with a write that changes nothing, and hold it to the commit.
+    """
+    ids = sorted(set(ids))
+    query = select(model.id).where(model.id.in_(ids))
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            update(model)
+            .where(model.id.in_(ids))
+            .values(id=model.id)
+            .execution_options(synchronize_session=False)
+        )
+    else:
+        query = query.with_for_update(read=not exclusive, key_share=not exclusive)
+    return set(session.scalars(query))
 
 
 def make_engine(url: str) -> Engine:

@@ -43,6 +43,7 @@ from app.serving.v2 import protocol_error_for
 from app.serving.v2 import router as v2_router
 from app.storage import STAGING_MAX_AGE_S, get_store
 from app.teachers.router import router as teachers_router
+from app.tenancy import router as tenancy_router
 from app.ui import router as ui_router
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(refuse_unstorable_text)],
     )
-    for router in (teachers_router, datasets_router, jobs_router, serving_router):
+    for router in (teachers_router, datasets_router, jobs_router, serving_router, tenancy_router):
         app.include_router(router)
     app.include_router(v2_router)
     app.include_router(ui_router)

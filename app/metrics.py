@@ -30,7 +30,8 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from app.config import get_settings
 from app.db import get_engine
-from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobStatus, Tenant, utcnow
+from app.tenancy import stored_bytes_queries
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,21 @@ class JobsCollector(Collector):
                 )
                 .group_by(Job.status)
             ).all()
+            tenants = dict(connection.execute(select(Tenant.id, Tenant.name)).all())
+            stored = {
+                kind: connection.execute(query).all()
+                for kind, query in stored_bytes_queries().items()
+            }
 
+        storage = GaugeMetricFamily(
+            "distill_storage_bytes",
+            "Bytes stored per tenant: uploaded teachers and datasets, and job artifacts "
+            "(caches not included; GET /v1/usage has them).",
+            labels=["tenant", "kind"],
+        )
+        for kind, rows in stored.items():
+            for tenant_id, size in rows:
+                storage.add_metric([tenants.get(tenant_id, tenant_id), kind], int(size or 0))
         jobs = GaugeMetricFamily(
             "distill_jobs", "Jobs in the database, by status.", labels=["status"]
         )
@@ -252,7 +267,7 @@ class JobsCollector(Collector):
                 (str(float(b)), int(c or 0)) for b, c in zip(JOB_BUCKETS, cumulative, strict=True)
             ]
             histogram.add_metric([status], [*buckets, ("+Inf", int(count))], float(total))
-        return [jobs, depth, age, histogram]
+        return [jobs, depth, age, histogram, storage]
 
 
 def render(accept: str | None) -> tuple[bytes, str]:

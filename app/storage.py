@@ -74,8 +74,12 @@ class keys:
         return f"{keys.checkpoints(job_id)}/last.safetensors"
 
     @staticmethod
+    def artifacts(job_id: str) -> str:
+        return f"artifacts/{job_id}"
+
+    @staticmethod
     def artifact(job_id: str, attempt: int) -> str:
-        return f"artifacts/{job_id}/attempt-{attempt}"
+        return f"{keys.artifacts(job_id)}/attempt-{attempt}"
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,35 @@ class ArtifactStore:
 
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def delete_after_commit(self, session: Session, *prefixes: str) -> None:
+        """Remove ``prefixes`` once ``session``'s transaction commits: the files of rows it
+        deletes (a failed commit keeps both)."""
+
+        def remove(_: Session) -> None:
+            for prefix in prefixes:
+                self.delete_tree(prefix)
+
+        event.listen(session, "after_commit", remove, once=True)
+
+    def size(self, prefix: str) -> int:
+        """Bytes of the files under ``prefix`` (0 if there is none)."""
+        total = 0
+        for path in self.path(prefix).rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                if path.is_file():
+                    total += path.stat().st_size
+        return total
+
+    def empty_cache(self, prefix: str) -> int:
+        """Remove the entries of the cache at ``prefix`` (files, not the ones a job is still
+        writing, ``*.partial``); returns how many. A job that misses one computes it again."""
+        removed = 0
+        for path in self.path(prefix).rglob("*"):
+            if path.is_file() and not path.name.endswith(".partial"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 def remove_on_rollback(session: Session, store: ArtifactStore, prefix: str) -> None:

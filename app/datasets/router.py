@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile, status
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
 
 from app.auth import PrincipalDep
 from app.config import Settings
@@ -108,6 +108,16 @@ def list_datasets(principal: PrincipalDep, session: SessionDep, store: StoreDep)
     """The builtin datasets (with whether this server has their files) and the tenant's
     uploads."""
     return DatasetList(items=service.list_datasets(session, principal.tenant_id, store))
+
+
+@router.delete("/{ref}", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(409))
+def delete_dataset(
+    principal: PrincipalDep, session: SessionDep, store: StoreDep, ref: str
+) -> Response:
+    """Delete an uploaded dataset that no unfinished job uses (jobs that used it keep their
+    results)."""
+    service.delete_dataset(session, principal.tenant_id, store, ref)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{ref}", response_model=DatasetOut)

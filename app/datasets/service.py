@@ -20,9 +20,17 @@ from app.datasets.text import (
     text_format,
     write_records,
 )
-from app.errors import DatasetUnavailable, InvalidDataset, InvalidSpec, NotFound, UnsupportedFormat
+from app.db import lock_rows
+from app.errors import (
+    Conflict,
+    DatasetUnavailable,
+    InvalidDataset,
+    InvalidSpec,
+    NotFound,
+    UnsupportedFormat,
+)
 from app.ml.signature import ModelSignature
-from app.models import Dataset
+from app.models import TERMINAL_STATUSES, Dataset, Job
 from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback, sha256_file
 
 NPZ = ".npz"
@@ -298,6 +306,34 @@ def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
     if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFound(f"No dataset with id {dataset_id}.")
     return dataset
+
+
+def delete_dataset(session: Session, tenant_id: str, store: ArtifactStore, ref: str) -> None:
+    """Delete an uploaded dataset that no unfinished job uses, its files once the deletion
+    commits. Locked against job submission (``lock_rows``).
+
+    Raises:
+        NotFound: the tenant has no such upload.
+        Conflict: 409 ``builtin_dataset`` (builtins are the server's), or ``dataset_in_use``.
+    """
+    if ref in BUILTIN_DATASETS:
+        raise Conflict(
+            f"{ref} is a builtin dataset: it belongs to the server.", code="builtin_dataset"
+        )
+    if ref not in lock_rows(session, Dataset, [ref], exclusive=True):
+        raise NotFound(f"No dataset with id {ref}.")
+    dataset = get_dataset(session, tenant_id, ref)
+    active = session.scalar(
+        select(Job.id).where(Job.dataset_ref == ref, Job.status.not_in(TERMINAL_STATUSES)).limit(1)
+    )
+    if active is not None:
+        raise Conflict(
+            f"Dataset {ref} is used by job {active}, which has not finished.",
+            code="dataset_in_use",
+        )
+    session.delete(dataset)
+    session.flush()
+    store.delete_after_commit(session, keys.dataset_dir(ref))
 
 
 def resolve_dataset(session: Session, tenant_id: str, ref: str) -> DatasetSummary:

@@ -5,11 +5,12 @@ from sse_starlette import EventSourceResponse
 
 from app.auth import PrincipalDep
 from app.config import MIB
-from app.dependencies import SessionDep
+from app.dependencies import SessionDep, StoreDep
 from app.errors import problem_responses
 from app.jobs import events, service
 from app.jobs.schemas import DistillationSpec, JobOut, JobPage, MetricList, MetricOut
 from app.models import JobStatus
+from app.serving import service as serving
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 # Past any page there is: a bound keeps the number one the database takes.
@@ -118,6 +119,19 @@ async def job_events(
         events.follow(request, principal.tenant_id, job_id, cursor, snapshot),
         ping=events.KEEP_ALIVE_S,
     )
+
+
+@router.delete(
+    "/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(409)
+)
+def delete_job(
+    principal: PrincipalDep, session: SessionDep, store: StoreDep, job_id: str
+) -> Response:
+    """Delete a finished job: its metrics, its student's files, its alias. A queued or running
+    job is a 409: cancel it first."""
+    job = service.delete_job(session, principal.tenant_id, store, job_id)
+    serving.forget(principal.tenant_id, job.alias, job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(

@@ -10,6 +10,7 @@ from app.datasets.loading import load_builtin, load_uploaded
 from app.datasets.service import DatasetSummary, resolve_dataset
 from app.datasets.text import TextRecords
 from app.datasets.tokenized import shared_tokenizer, tokenize_records
+from app.db import lock_rows
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.jobs import repository
 from app.jobs.features import (
@@ -29,10 +30,9 @@ from app.ml.signature import (
 from app.ml.students import TransformerSpec, family_of, resolve_student, student_signature
 from app.ml.teacher_formats import FORMATS, ScoresChoice
 from app.ml.text import is_text
-from app.models import Dataset, Job, JobMetric, JobStatus, Teacher
+from app.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
-from app.storage import get_store
-from app.teachers.service import lock_teachers
+from app.storage import ArtifactStore, get_store, keys
 
 
 def _tensors(signature: ModelSignature) -> tuple[object, ...]:
@@ -206,11 +206,12 @@ def _tokenized(records: TextRecords, teachers: list[PreflightTeacher]) -> Datase
 
 
 def create_job(session: Session, tenant_id: str, spec: DistillationSpec) -> Job:
-    """Validate, preflight and queue a job. Its teachers are locked first (``lock_teachers``), so
-    one deleted meanwhile is a 422 here, and one not yet deleted keeps its row and files until
-    the job is committed (its deletion then sees the job: a 409)."""
+    """Validate, preflight and queue a job. Its teachers and uploaded dataset are locked first
+    (``lock_rows``), so one deleted meanwhile is a 422 here, and one not yet deleted keeps its row
+    and files until the job is committed (its deletion then sees the job: a 409)."""
     teacher_ids = [teacher_id for teacher_id, _ in spec.teacher_weights]
-    lock_teachers(session, teacher_ids, exclusive=False)
+    lock_rows(session, Teacher, teacher_ids, exclusive=False)
+    lock_rows(session, Dataset, [spec.dataset], exclusive=False)
     teachers, dataset = validate_spec(session, tenant_id, spec)
     report = submission_preflight(session, teachers, dataset)
     job = repository.add_job(
@@ -230,6 +231,27 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"No job with id {job_id}.")
+    return job
+
+
+def delete_job(session: Session, tenant_id: str, store: ArtifactStore, job_id: str) -> Job:
+    """Delete a finished job with its metrics and artifacts (and any checkpoint left), the files
+    once the deletion commits; returns the deleted row.
+
+    Raises:
+        NotFound: the tenant has no such job.
+        Conflict: 409 ``job_not_finished``, a job queued or running (cancel it first).
+    """
+    job = get_job(session, tenant_id, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        raise Conflict(
+            f"Job {job_id} is {job.status}: cancel it, then delete it once it has stopped.",
+            code="job_not_finished",
+            job_status=job.status,
+        )
+    session.delete(job)  # its metrics, artifacts and teacher memberships go with it (cascade)
+    session.flush()
+    store.delete_after_commit(session, keys.artifacts(job_id), keys.checkpoints(job_id))
     return job
 
 

@@ -2,14 +2,14 @@ import fnmatch
 import json
 import re
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import event, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import lock_rows
 from app.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from app.ml.archives import zip_files
 from app.ml.signature import OutputKind, Preprocessing
@@ -236,35 +236,12 @@ def list_teachers(session: Session, tenant_id: str) -> list[Teacher]:
     return list(session.scalars(query.order_by(Teacher.created_at.desc())))
 
 
-def lock_teachers(session: Session, teacher_ids: Iterable[str], *, exclusive: bool) -> set[str]:
-    """Lock these teachers' rows until the transaction ends; returns the ids that still exist.
-
-    Submitting a job takes a shared lock, deleting an exclusive one: whichever comes second waits
-    for the other's commit, then sees it (the job, or the teacher's absence). On PostgreSQL these
-    are row locks (``FOR KEY SHARE``: submissions do not wait for one another; ``FOR UPDATE``);
-    SQLite has one writer at a time, so both take its write lock, with a write that changes
-    nothing, and hold it to the commit.
-    """
-    ids = sorted(set(teacher_ids))
-    query = select(Teacher.id).where(Teacher.id.in_(ids))
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(
-            update(Teacher)
-            .where(Teacher.id.in_(ids))
-            .values(name=Teacher.name)
-            .execution_options(synchronize_session=False)
-        )
-    else:
-        query = query.with_for_update(read=not exclusive, key_share=not exclusive)
-    return set(session.scalars(query))
-
-
 def delete_teacher(
     session: Session, *, tenant_id: str, store: ArtifactStore, teacher_id: str
 ) -> None:
     """Delete a teacher that no unfinished job uses (409 otherwise), with its files once the
-    deletion commits. Locked against job submission (``lock_teachers``)."""
-    if teacher_id not in lock_teachers(session, [teacher_id], exclusive=True):
+    deletion commits. Locked against job submission (``lock_rows``)."""
+    if teacher_id not in lock_rows(session, Teacher, [teacher_id], exclusive=True):
         raise NotFound(f"No teacher with id {teacher_id}.")
     teacher = get_teacher(session, tenant_id, teacher_id)
     active = session.scalar(
@@ -277,6 +254,4 @@ def delete_teacher(
         raise Conflict(f"Teacher {teacher_id} is used by job {active}, which has not finished.")
     session.delete(teacher)
     session.flush()
-    # The files go only once the row's deletion is committed: a failed commit keeps both.
-    folder = keys.teacher_dir(teacher_id)
-    event.listen(session, "after_commit", lambda _: store.delete_tree(folder), once=True)
+    store.delete_after_commit(session, keys.teacher_dir(teacher_id))

@@ -215,6 +215,12 @@ def test_each_tenant_has_its_own_aliases_and_teacher_cache(
         for tenant in owners
     }
     assert len(entries) == 2 and all(len(e) == 1 for e in entries.values()), entries
+    # Emptying B's caches leaves A's; each tenant's usage counts its own.
+    a_usage = tenants.a.get("/v1/usage").json()
+    assert b.delete("/v1/cache").status_code == 204
+    assert tenants.a.get("/v1/usage").json() == a_usage and a_usage["cache_bytes"] > 0
+    assert b.get("/v1/usage").json()["cache_bytes"] == 0
+    assert b.get("/v1/usage").json()["teachers_bytes"] == a_usage["teachers_bytes"]  # same file
 
 
 def test_bad_expired_and_revoked_keys_are_refused(tenants: Tenants) -> None:
