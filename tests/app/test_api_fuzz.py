@@ -32,6 +32,7 @@ from hypothesis.errors import Flaky
 from schemathesis import Case
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.engine.errors import is_inconsistent_replay
+from schemathesis.generation.meta import TestPhase
 from schemathesis.generation.stateful.state_machine import StepInput, StepOutput
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.schemas import BaseSchema
@@ -80,9 +81,11 @@ FUZZ_SETTINGS = settings(
 
 @dataclass(frozen=True)
 class Seeded:
-    """Real objects in the database, by the path parameter that names them."""
+    """Real objects in the database, by the path parameter that names them; deletions are
+    pointed at ``deletable`` ones instead (the succeeded job stays, for the calls after)."""
 
     ids: dict[str, list[str]]
+    deletable: dict[str, list[str]]
     teacher_id: str
     dataset_ref: str
 
@@ -111,11 +114,12 @@ def _seed(client: TestClient, directory: Path) -> Seeded:
         "training": {"epochs": 1, "batch_size": 32},
     }
     jobs = []
-    for _ in range(2):
+    for _ in range(3):
         response = client.post("/v1/jobs", json=body)
         assert response.status_code == 202, response.text
         jobs.append(response.json()["id"])
-    run_job(jobs[1])  # the other one stays queued
+    run_job(jobs[1])  # the first stays queued
+    assert client.post(f"/v1/jobs/{jobs[2]}/cancel").status_code == 202
     succeeded = client.get(f"/v1/jobs/{jobs[1]}").json()
     assert succeeded["status"] == "succeeded", succeeded["error"]
     response = client.put(f"/v1/jobs/{jobs[1]}/alias", json={"alias": ALIAS})
@@ -123,11 +127,13 @@ def _seed(client: TestClient, directory: Path) -> Seeded:
     return Seeded(
         ids={
             "teacher_id": teachers,
-            "job_id": jobs,
+            "job_id": jobs[:2],
             "ref": [dataset, "builtin:digits"],
             "name": [jobs[1], ALIAS, jobs[0]],  # /v2 models: by job id or alias
             "version": ["1", "int8"],
         },
+        # Refused (a queued job, a dataset it uses), or gone for good (a cancelled job).
+        deletable={"teacher_id": teachers, "job_id": [jobs[0], jobs[2]], "ref": [dataset]},
         teacher_id=teachers[0],
         dataset_ref=dataset,
     )
@@ -167,15 +173,20 @@ def _build_schema(seeded: Seeded, api_key: str | None) -> BaseSchema:
     def real_objects(_context: Any, case: Case[Any]) -> Case[Any]:
         """Point some cases at real objects, chosen by a hash of the case (every phase runs this
         hook, and the same case always gets the same choice). Components generated to violate
-        the schema are left as they are: the violation is what their case tests."""
+        the schema are left as they are: the violation is what their case tests; so are the
+        ids of a sequence's steps."""
         meta = case.meta
         if meta is None:
             return case
         pick = zlib.crc32(repr((case.path_parameters, case.query, case.body)).encode())
-        if case.path_parameters and not meta.is_negative_at(ParameterLocation.PATH):
+        # Sequences take their ids from the responses they follow (the links): those stay.
+        linked = meta.phase.name == TestPhase.STATEFUL
+        if case.path_parameters and not linked and not meta.is_negative_at(ParameterLocation.PATH):
             parameters = dict(case.path_parameters)
-            for name in parameters.keys() & seeded.ids.keys():
-                choices = [parameters[name], *seeded.ids[name]]
+            deletion = case.method.upper() == "DELETE" and not case.path.endswith("/alias")
+            ids = seeded.deletable if deletion else seeded.ids
+            for name in parameters.keys() & ids.keys():
+                choices = [parameters[name], *ids[name]]
                 parameters[name] = choices[pick % len(choices)]
             case.path_parameters = parameters
         rows = np.random.default_rng(pick).normal(scale=3.0, size=(1 + pick % 4, INPUT_SIZE))
