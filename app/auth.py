@@ -13,11 +13,12 @@ With authentication off (``DISTILL_AUTH``; the embedded default), every request 
 import hashlib
 import hmac
 import secrets
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from threading import Lock
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from argon2 import PasswordHasher
@@ -35,11 +36,13 @@ from app.models import DEFAULT_TENANT_ID, ApiKey, KeyRole, Tenant
 
 KEY_PREFIX = "dsk_"
 _hasher = PasswordHasher()
-# Checking a key costs about 0.15 s of CPU: a process remembers the keys it has checked (by
-# their SHA-256, in memory only), while expiry and revocation are read from the row each time.
-_VERIFIED_MAX = 4096
+# Checking a key's hash costs about 0.15 s of CPU: a process remembers the keys whose hash it
+# has checked (by their SHA-256, in memory only). It also trusts the principal of a key read
+# less than `auth_cache_s` ago, without reading its row (revocation) again.
+_CACHED_MAX = 4096
 _verified: "OrderedDict[str, str]" = OrderedDict()
-_verified_lock = Lock()
+_checked: "OrderedDict[str, tuple[float, Principal]]" = OrderedDict()
+_cache_lock = Lock()
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,22 @@ class Principal:
     tenant_id: str
     role: KeyRole
     key_id: str | None  # None with authentication off
+    expires_at: datetime | None = None
 
 
 ANONYMOUS = Principal(DEFAULT_TENANT_ID, KeyRole.ADMIN, None)
+
+
+def _remember(cache: "OrderedDict[str, Any]", key: str, value: Any) -> None:
+    with _cache_lock:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > _CACHED_MAX:
+            cache.popitem(last=False)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _now() -> datetime:
@@ -118,21 +134,15 @@ def revoke_key(session: Session, prefix: str) -> ApiKey:
 
 
 def _verified_hash(row: ApiKey, token: str) -> bool:
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    with _verified_lock:
-        known = _verified.get(digest)
-        if known is not None:
-            _verified.move_to_end(digest)
+    digest = _digest(token)
+    known = _verified.get(digest)
     if known is not None:
         return hmac.compare_digest(known, row.hash)
     try:
         _hasher.verify(row.hash, token)
     except (VerificationError, InvalidHashError):
         return False
-    with _verified_lock:
-        _verified[digest] = row.hash
-        while len(_verified) > _VERIFIED_MAX:
-            _verified.popitem(last=False)
+    _remember(_verified, digest, row.hash)
     return True
 
 
@@ -149,7 +159,7 @@ def authenticate(session: Session, token: str) -> Principal:
         raise InvalidKey("This API key has been revoked.", code="key_revoked")
     if row.expires_at is not None and row.expires_at <= _now():
         raise InvalidKey("This API key has expired.", code="key_expired")
-    return Principal(row.tenant_id, KeyRole(row.role), row.id)
+    return Principal(row.tenant_id, KeyRole(row.role), row.id, row.expires_at)
 
 
 _bearer = HTTPBearer(
@@ -164,21 +174,31 @@ async def current_principal(
 ) -> Principal:
     """Who the request acts for. Raises Unauthorized (401, with ``WWW-Authenticate``) when keys
     are required and none (or a bad one) was sent."""
-    if not get_settings().auth_required:
+    settings = get_settings()
+    if not settings.auth_required:
         return ANONYMOUS
     if credentials is None:
         raise Unauthorized(
             "This server needs an API key: send `Authorization: Bearer <key>` "
             "(`distill keys create` on the server makes one)."
         )
+    token = credentials.credentials
+    digest, now = _digest(token), time.monotonic()
+    hit = _checked.get(digest)
+    if hit is not None and now - hit[0] < settings.auth_cache_s:
+        principal = hit[1]
+        if principal.expires_at is None or principal.expires_at > _now():
+            return principal
 
     def check() -> Principal:
         with session_scope() as session:
-            return authenticate(session, credentials.credentials)
+            return authenticate(session, token)
 
     # The read waits for a database slot as a request's session does (app.dependencies).
     async with database_slot():
-        return await anyio.to_thread.run_sync(check)
+        principal = await anyio.to_thread.run_sync(check)
+    _remember(_checked, digest, (now, principal))
+    return principal
 
 
 async def admin_principal(

@@ -133,6 +133,14 @@ class Settings(BaseSettings):
         "set to disabled explicitly.",
     )
 
+    auth_cache_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="How long a process trusts a key it has checked before reading its row "
+        "again (each read costs a database round trip on every request): a revoked key stops "
+        "working within this. An expired key is refused at once.",
+    )
+
     log_format: Literal["json", "text"] | None = Field(
         default=None,
         description="json: one JSON object per line (python-json-logger); text: plain lines. "

@@ -133,12 +133,13 @@ def _bodies(job_id: str) -> dict[str, tuple[str, str, bytes]]:
 
 
 def api_key(home: Path) -> dict[str, str]:
-    """A new key of the ``bench`` tenant in ``home``'s database, as a header."""
+    """A new key of the ``default`` tenant (the job's, made without keys) in ``home``'s
+    database, as a header."""
     from app.auth import create_key
     from app.db import session_scope
 
     with session_scope() as session:
-        token = create_key(session, "bench")[1]
+        token = create_key(session, "default")[1]
     return {"Authorization": f"Bearer {token}"}
 
 

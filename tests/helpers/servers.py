@@ -55,11 +55,13 @@ def url(client: TestClient) -> Iterator[str]:
 
 @pytest.fixture
 def keyed_url(client: TestClient) -> Iterator[str]:
-    """``url`` with API keys required (``DISTILL_AUTH=required``), on either stack."""
+    """``url`` with API keys required (``DISTILL_AUTH=required``), on either stack; a key is
+    read again at every request (``DISTILL_AUTH_CACHE_S=0``), so a revocation shows at once."""
     from app.main import create_app
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DISTILL_AUTH", "required")
+        mp.setenv("DISTILL_AUTH_CACHE_S", "0")
         get_settings.cache_clear()
         with serving(create_app()) as address:
             yield f"http://{address}"
