@@ -209,8 +209,10 @@ def test_dashboard_follows_a_job_live(
 ) -> None:
     start_worker()
     teacher = upload_teacher(client, digits_teacher)
+    # Batches of 8: about 1 s an epoch here. With 32 the 8 epochs took 2.2 s on CI, too quick
+    # for a page whose stream reads the job every 0.5 s to catch it running.
     body = job_body(
-        teacher["id"], training={"epochs": EPOCHS, "batch_size": 32, "learning_rate": 0.01}
+        teacher["id"], training={"epochs": EPOCHS, "batch_size": 8, "learning_rate": 0.01}
     )
     job_id = client.post("/v1/jobs", json=body).json()["id"]
 
