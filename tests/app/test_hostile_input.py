@@ -322,7 +322,7 @@ def test_openapi_documents_the_problems_each_operation_gives(client: TestClient)
     ("method", "path", "allowed"),
     [
         ("PUT", "/v1/jobs", "GET, HEAD, POST"),
-        ("DELETE", "/v1/jobs/some-id", "GET, HEAD"),
+        ("PUT", "/v1/jobs/some-id", "DELETE, GET, HEAD"),
         ("GET", "/v1/jobs/some-id/cancel", "POST"),
         ("PATCH", "/v1/teachers/some-id", "DELETE, GET, HEAD"),
         ("DELETE", "/v1/datasets", "GET, HEAD, POST"),
