@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import anyio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -169,7 +169,6 @@ _bearer = HTTPBearer(
 
 
 async def current_principal(
-    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """Who the request acts for. Raises Unauthorized (401, with ``WWW-Authenticate``) when keys
