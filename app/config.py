@@ -101,11 +101,6 @@ class Settings(BaseSettings):
     latency_budget_s: float = Field(
         default=20.0, description="Time allowed for measuring one model's latency."
     )
-    queued_resend_after_s: float = Field(
-        default=120.0,
-        description="A queued job no worker has claimed for this long is sent to the broker "
-        "again by the recovery task (its message may have been lost).",
-    )
 
     job_max_attempts: int = 3
     job_stale_after_s: float = Field(
@@ -139,6 +134,39 @@ class Settings(BaseSettings):
         description="How long a process trusts a key it has checked before reading its row "
         "again (each read costs a database round trip on every request): a revoked key stops "
         "working within this. An expired key is refused at once.",
+    )
+
+    quota_queued_jobs: int | None = Field(
+        default=100,
+        ge=1,
+        description="Jobs one tenant may have queued; beyond it a submission is a 429 "
+        "(`queued_jobs_quota`) with Retry-After. Unset: no limit.",
+    )
+    quota_running_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Jobs of one tenant that may run at once; the others wait queued. Unset: "
+        "as many as there are workers (the dispatch is fair among tenants either way).",
+    )
+    quota_storage_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bytes one tenant may store (uploads, students, caches: GET /v1/usage). An "
+        "upload that would pass it is a 507 (`storage_quota`), one larger than the whole quota "
+        "a 413, and no job is accepted while the tenant is over it. Unset: no limit.",
+    )
+    quota_predict_rps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Predict and inference requests per second, per tenant, over a one-second "
+        "sliding window (all API processes together in server mode, through Redis); beyond it "
+        "a 429 with Retry-After. Every answer carries the RateLimit and RateLimit-Policy "
+        "headers. Unset: no limit.",
+    )
+    idempotency_ttl_s: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="How long an Idempotency-Key is remembered with its response.",
     )
 
     log_format: Literal["json", "text"] | None = Field(

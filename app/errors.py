@@ -101,12 +101,13 @@ class AppError(Exception):
     status: ClassVar[int] = 400
     code: str = "bad_request"
     title: ClassVar[str] = "Bad request"
-    headers: ClassVar[dict[str, str]] = {}
+    default_headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+        self.headers = dict(self.default_headers)
         if code is not None:
             self.code = code
 
@@ -122,12 +123,12 @@ class Unauthorized(AppError):
     """No key, or one that is unknown, expired or revoked (RFC 6750's ``invalid_token``)."""
 
     status, code, title = 401, "unauthorized", "Unauthorized"
-    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="distill"'}
+    default_headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="distill"'}
 
 
 class InvalidKey(Unauthorized):
     code = "invalid_key"
-    headers: ClassVar[dict[str, str]] = {
+    default_headers: ClassVar[dict[str, str]] = {
         "WWW-Authenticate": 'Bearer realm="distill", error="invalid_token"'
     }
 
@@ -189,6 +190,32 @@ class BrokerUnavailable(AppError):
 
 class PayloadTooLarge(AppError):
     status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class QuotaExceeded(AppError):
+    """A tenant's quota (``DISTILL_QUOTA_*``) is used up: the problem names it (``quota``) and
+    its ``limit``; the answer carries Retry-After (and any ``headers`` given)."""
+
+    status, code, title = 429, "quota_exceeded", "Quota exceeded"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str,
+        quota: str,
+        limit: int,
+        retry_after_s: int,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail, code=code, quota=quota, limit=limit)
+        self.headers.update({"Retry-After": str(retry_after_s), **(headers or {})})
+
+
+class InsufficientStorage(AppError):
+    """RFC 4918's 507: the tenant's storage quota cannot hold what was sent."""
+
+    status, code, title = 507, "storage_quota", "Storage quota exceeded"
 
 
 # What a database text column cannot hold: NUL (PostgreSQL text) and lone surrogates (not UTF-8).

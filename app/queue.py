@@ -1,6 +1,9 @@
 """The Celery client: the API (and the worker's recovery task) send work by task name only.
 
-Messages carry a job id, never an object; the database row is the source of truth.
+A message carries no job: it is a turn for one worker to run the next job, chosen by the
+database (``repository.claim_next``: round-robin over tenants), so a tenant's burst never forms
+a queue in front of another tenant's job. Each queued job has one message sent for it; a lost
+one is made up by the recovery task (``top_up``). The database row is the source of truth.
 """
 
 import logging
@@ -8,6 +11,7 @@ from enum import StrEnum
 from functools import lru_cache
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
@@ -22,7 +26,7 @@ CONTROL_QUEUE = "distill-control"
 
 
 class TaskName(StrEnum):
-    DISTILL = "distill.run_job"
+    DISTILL = "distill.run_next_job"
     RECOVER = "distill.recover_jobs"
 
 
@@ -61,9 +65,29 @@ def get_celery() -> Celery:
 
 
 def enqueue_after_commit(session: Session, job_id: str) -> None:
-    """Queue the job once the session's transaction commits (``send_pending``); a rollback
-    sends nothing."""
+    """Send a message for the queued job once the session's transaction commits
+    (``send_pending``); a rollback sends nothing."""
     session.info.setdefault(PENDING_JOBS, []).append(job_id)
+
+
+def queue_depth() -> int:
+    """Messages waiting in the broker's job queue (not those workers hold)."""
+    with get_celery().connection_for_write() as connection:
+        try:
+            declared = connection.default_channel.queue_declare(queue=QUEUE, passive=True)
+        except ChannelError:  # Redis: an empty queue has no key, so it "does not exist"
+            return 0
+        return int(declared.message_count)
+
+
+def top_up(waiting: int) -> int:
+    """Send messages until the broker holds one per job that could run now (``waiting``); a
+    message lost with a Redis restart, or never sent by an API process that died between
+    commit and send, is made up. Returns how many were sent."""
+    missing = max(0, waiting - queue_depth())
+    for _ in range(missing):
+        get_celery().send_task(TaskName.DISTILL)
+    return missing
 
 
 def send_pending(session: Session) -> None:
@@ -75,7 +99,7 @@ def send_pending(session: Session) -> None:
     failed = []
     for job_id in session.info.pop(PENDING_JOBS, []):
         try:
-            get_celery().send_task(TaskName.DISTILL, args=[job_id])
+            get_celery().send_task(TaskName.DISTILL)
         except Exception:
             log.exception("queue.send_failed", extra={"job_id": job_id})
             failed.append(job_id)

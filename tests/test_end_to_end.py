@@ -268,7 +268,7 @@ def test_a_job_whose_broker_message_was_lost_runs(
     else:
         for message in (stack.home / "broker").glob("*.msg"):
             message.unlink()
-    start_worker(beat=True, DISTILL_QUEUED_RESEND_AFTER_S="3")
+    start_worker(beat=True)
     job = wait_for(client, job_id, is_terminal, timeout=120)
     assert (job["status"], job["attempt"]) == ("succeeded", 1), job["error"]
 

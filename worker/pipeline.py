@@ -36,6 +36,21 @@ def claim(job_id: str, max_attempts: int) -> int | None:
         return repository.claim(session, job_id, max_attempts)
 
 
+def claim_next(settings: Settings) -> tuple[str, int] | None:
+    """Claim the next job by the fair order (``repository.claim_next``): ``(job id, attempt)``,
+    or None when no queued job may run now."""
+    while True:  # each lost race means a job was claimed: the queue shrinks, this ends
+        with session_scope() as session:
+            claimed = repository.claim_next(
+                session, settings.job_max_attempts, settings.quota_running_jobs
+            )
+        if claimed is None:
+            return None
+        job_id, attempt = claimed
+        if attempt is not None:
+            return job_id, attempt
+
+
 def finish(job_id: str, attempt: int, status: JobStatus, **values: object) -> bool:
     """End the attempt's job; the checkpoint goes with it."""
     with session_scope() as session:

@@ -7,34 +7,24 @@ from sqlalchemy import select
 
 from app.config import get_settings
 from app.db import session_scope
-from app.jobs.repository import requeue_or_end, transition
+from app.jobs.repository import claimable_count, requeue_or_end
 from app.models import Job, JobStatus, utcnow
-from app.queue import enqueue_after_commit
+from app.queue import enqueue_after_commit, top_up
 
 log = logging.getLogger(__name__)
 
 
-def resend_lost_messages() -> list[str]:
-    """Queued jobs whose message was sent ``queued_resend_after_s`` ago and that no worker has
-    claimed: send the message again (a Redis restart without persistence, or an API killed between
-    commit and send, loses it). A duplicate costs nothing: the claim is a compare-and-set.
-    """
+def top_up_messages() -> int:
+    """Make the broker hold a message for every queued job that could start now: one lost (a
+    Redis restart without persistence, an API killed between commit and send) is sent again.
+    A spare message costs a worker one query. Returns how many were sent."""
     settings = get_settings()
-    cutoff = utcnow() - timedelta(seconds=settings.queued_resend_after_s)
-    resent = []
     with session_scope() as session:
-        waiting = session.scalars(
-            select(Job.id).where(Job.status == JobStatus.QUEUED, Job.enqueued_at < cutoff)
-        ).all()
-        for job_id in waiting:
-            if transition(
-                session, job_id, [JobStatus.QUEUED], Job.enqueued_at < cutoff, enqueued_at=utcnow()
-            ):
-                enqueue_after_commit(session, job_id)
-                resent.append(job_id)
-    if resent:
-        log.warning("jobs.resent", extra={"resent": len(resent)})
-    return resent
+        waiting = claimable_count(session, settings.job_max_attempts, settings.quota_running_jobs)
+    sent = top_up(waiting)
+    if sent:
+        log.warning("jobs.messages_topped_up", extra={"sent": sent})
+    return sent
 
 
 def recover_stale_jobs() -> list[str]:

@@ -1,8 +1,8 @@
 """Each claimed job runs in a process of its own, watched by the Celery pool process that claimed
 it.
 
-The pool process stays up for many tasks: a message whose job is already cancelled, finished or
-running elsewhere costs one compare-and-set, never a new process. A job gets a fresh process
+The pool process stays up for many tasks: a message when no job may run (its job cancelled,
+or taken by another worker) costs one query, never a new process. A job gets a fresh process
 (GPU memory returned when it ends, no CUDA state inherited), and the supervisor can end it: on a
 cancel the job does not honour within ``cancel_grace_s`` (a teacher stuck in one batch), past
 ``job_time_limit_s``, or when another attempt owns the job. A job process that dies (killed,
@@ -23,9 +23,10 @@ from sqlalchemy import select, true
 from app.config import Settings, get_settings
 from app.db import session_scope
 from app.jobs.repository import requeue_or_end
+from app.logs import log_context
 from app.models import Job, JobStatus
 from app.queue import enqueue_after_commit
-from worker.pipeline import claim, finish
+from worker.pipeline import claim_next, finish
 
 log = logging.getLogger(__name__)
 ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
@@ -53,13 +54,21 @@ def _end(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
-def run_isolated(job_id: str, torch_threads: int) -> None:
-    """Claim the job; run the attempt in its own process and watch it to the end."""
+def run_next(torch_threads: int) -> None:
+    """Claim the next job (the fair order: ``repository.claim_next``); run its attempt in a
+    process of its own and watch it to the end."""
     settings = get_settings()
-    attempt = claim(job_id, settings.job_max_attempts)
-    if attempt is None:
-        log.info("job.not_claimed", extra={"job_id": job_id})
+    claimed = claim_next(settings)
+    if claimed is None:
+        log.info("job.none_to_claim")
         return
+    job_id, attempt = claimed
+    with log_context(job_id=job_id):
+        run_isolated(job_id, attempt, torch_threads, settings)
+
+
+def run_isolated(job_id: str, attempt: int, torch_threads: int, settings: Settings) -> None:
+    """Run the claimed attempt in its own process and watch it to the end."""
     process = subprocess.Popen(
         [sys.executable, "-m", "worker.job_process", job_id, str(attempt)],
         env={**os.environ, "DISTILL_TORCH_THREADS": str(torch_threads)},

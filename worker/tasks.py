@@ -1,18 +1,19 @@
 """Thin tasks: the logic lives in plain functions that tests call directly."""
 
-from app.logs import log_context
 from app.queue import TaskName
 from worker import recovery, supervisor
 from worker.celery_app import celery_app, job_torch_threads
 
 
 @celery_app.task(name=TaskName.DISTILL)
-def distill(job_id: str) -> None:
-    with log_context(job_id=job_id):
-        supervisor.run_isolated(job_id, job_torch_threads())
+def distill() -> None:
+    """A worker's turn: run the next job the database chooses."""
+    supervisor.run_next(job_torch_threads())
 
 
 @celery_app.task(name=TaskName.RECOVER)
 def recover_jobs() -> list[str]:
-    """Requeue jobs whose worker died, and send again the messages of queued jobs no worker took."""
-    return recovery.recover_stale_jobs() + recovery.resend_lost_messages()
+    """Requeue jobs whose worker died, and make up the messages of queued jobs the broker lost."""
+    requeued = recovery.recover_stale_jobs()
+    recovery.top_up_messages()
+    return requeued

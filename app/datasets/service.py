@@ -6,6 +6,7 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.datasets.arrays import InputStats, input_stats
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset
 from app.datasets.npz import check_labels, holdout_test_size, read_dataset_npz
@@ -31,6 +32,7 @@ from app.errors import (
 )
 from app.ml.signature import ModelSignature
 from app.models import TERMINAL_STATUSES, Dataset, Job
+from app.quotas import check_storage
 from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback, sha256_file
 
 NPZ = ".npz"
@@ -199,6 +201,7 @@ def create_dataset(
     ``classes`` names the label values (``parse_classes``); without it labels must start at 0.
     """
     with store.holding(upload):
+        check_storage(session, store, tenant_id, upload.size_bytes, get_settings())
         data = read_dataset_npz(upload.path, max_bytes=max_bytes)
         check_labels(data, classes)
         stats = input_stats(data.x, data.x_test, dtype=data.x_dtype)
@@ -277,6 +280,7 @@ def create_text_dataset(
         records = text.records
         # The stored form replaces the staged upload; the files as uploaded are not kept.
         write_records(records, upload.path)
+        check_storage(session, store, tenant_id, upload.path.stat().st_size, get_settings())
         dataset = Dataset(
             tenant_id=tenant_id,
             name=name,

@@ -10,7 +10,7 @@ such a fenced heartbeat (``worker.attempt``).
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.models import (
@@ -22,6 +22,7 @@ from app.models import (
     JobStatus,
     JobTeacher,
     Teacher,
+    Tenant,
     utcnow,
 )
 
@@ -162,6 +163,72 @@ def claim(session: Session, job_id: str, max_attempts: int) -> int | None:
         )
         .returning(Job.attempt)
     ).scalar_one_or_none()
+
+
+def running_by_tenant(session: Session) -> dict[str, int]:
+    """Running (and cancelling) jobs per tenant that has any."""
+    rows = session.execute(
+        select(Job.tenant_id, func.count()).where(Job.status.in_(ACTIVE)).group_by(Job.tenant_id)
+    )
+    return {tenant_id: int(n) for tenant_id, n in rows}
+
+
+def claim_next(
+    session: Session, max_attempts: int, running_limit: int | None
+) -> tuple[str, int | None] | None:
+    """Claim the job a free worker should run next: ``(job id, attempt)``; None when no queued
+    job may run now (none queued, or their tenants at ``running_limit``); ``(job id, None)``
+    when another worker claimed the chosen job, or its tenant's last slot, first: the caller
+    tries again, in a new transaction.
+
+    Fair share, round-robin: the tenant with the fewest running jobs goes first, among those
+    the one a worker served longest ago (``tenants.dispatched_at``), and its oldest queued job.
+    So a tenant's burst delays another tenant's job by at most one job slot. The choice is
+    read first; then the tenant's row is written (a row lock on PostgreSQL, the write lock on
+    SQLite) so its running count is exact under ``running_limit`` while claims race, and the
+    job is claimed by compare-and-set.
+    """
+    running = (
+        select(Job.tenant_id, func.count().label("n"))
+        .where(Job.status.in_(ACTIVE))
+        .group_by(Job.tenant_id)
+        .subquery()
+    )
+    busy = func.coalesce(running.c.n, 0)
+    query = (
+        select(Job.id, Job.tenant_id)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .where(Job.status == JobStatus.QUEUED, Job.attempt < max_attempts)
+        .order_by(busy, Tenant.dispatched_at.asc().nulls_first(), Job.created_at, Job.id)
+        .limit(1)
+    )
+    if running_limit is not None:
+        query = query.where(busy < running_limit)
+    chosen = session.execute(query).first()
+    if chosen is None:
+        return None
+    job_id, tenant_id = chosen
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(dispatched_at=utcnow()))
+    if running_limit is not None and running_by_tenant(session).get(tenant_id, 0) >= running_limit:
+        return job_id, None
+    return job_id, claim(session, job_id, max_attempts)
+
+
+def claimable_count(session: Session, max_attempts: int, running_limit: int | None) -> int:
+    """Queued jobs that could start now: each tenant's, up to what ``running_limit`` leaves
+    it."""
+    queued = session.execute(
+        select(Job.tenant_id, func.count())
+        .where(Job.status == JobStatus.QUEUED, Job.attempt < max_attempts)
+        .group_by(Job.tenant_id)
+    )
+    if running_limit is None:
+        return sum(int(n) for _, n in queued)
+    running = running_by_tenant(session)
+    return sum(
+        max(0, min(int(n), running_limit - running.get(tenant_id, 0))) for tenant_id, n in queued
+    )
 
 
 def heartbeat(session: Session, job_id: str, attempt: int, **values: Any) -> bool | None:

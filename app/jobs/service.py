@@ -32,6 +32,7 @@ from app.ml.teacher_formats import FORMATS, ScoresChoice
 from app.ml.text import is_text
 from app.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, JobStatus, Teacher
 from app.queue import enqueue_after_commit
+from app.quotas import check_queued_jobs, check_storage
 from app.storage import ArtifactStore, get_store, keys
 
 
@@ -208,7 +209,16 @@ def _tokenized(records: TextRecords, teachers: list[PreflightTeacher]) -> Datase
 def create_job(session: Session, tenant_id: str, spec: DistillationSpec) -> Job:
     """Validate, preflight and queue a job. Its teachers and uploaded dataset are locked first
     (``lock_rows``), so one deleted meanwhile is a 422 here, and one not yet deleted keeps its row
-    and files until the job is committed (its deletion then sees the job: a 409)."""
+    and files until the job is committed (its deletion then sees the job: a 409).
+
+    Raises:
+        QuotaExceeded: 429, the tenant has ``DISTILL_QUOTA_QUEUED_JOBS`` jobs queued.
+        InsufficientStorage: 507, the tenant stores its ``DISTILL_QUOTA_STORAGE_BYTES``.
+        InvalidSpec, PreflightFailed: 422.
+    """
+    settings = get_settings()
+    check_queued_jobs(session, tenant_id, settings)
+    check_storage(session, get_store(), tenant_id, 0, settings)
     teacher_ids = [teacher_id for teacher_id, _ in spec.teacher_weights]
     lock_rows(session, Teacher, teacher_ids, exclusive=False)
     lock_rows(session, Dataset, [spec.dataset], exclusive=False)

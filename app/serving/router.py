@@ -10,6 +10,7 @@ from app.errors import NotFound, problem_responses
 from app.ml.artifacts import FILENAMES, MEDIA_TYPES
 from app.ml.signature import TextPreprocessing
 from app.models import ArtifactFormat
+from app.quotas import PredictRate
 from app.serving import service
 from app.serving.engine import get_serving_engine, softmax
 from app.serving.schemas import AliasRequest, AliasResponse, PredictRequest, PredictResponse
@@ -47,10 +48,15 @@ def download_artifact(
     "/{job_id}/predict",
     response_model=PredictResponse,
     max_body_size=64 * MIB,
-    responses=problem_responses(409),
+    responses=problem_responses(409, 429),
 )
 async def predict(
-    principal: PrincipalDep, settings: SettingsDep, job_id: str, body: PredictRequest
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    rate: PredictRate,
+    response: Response,
+    job_id: str,
+    body: PredictRequest,
 ) -> PredictResponse:
     """Classify a batch with the job's student, on the serving engine (onnxruntime, requests
     to one student micro-batched together). A text student takes strings (or `[text,
@@ -77,6 +83,7 @@ async def predict(
     probabilities = softmax(logits)
     predictions = probabilities.argmax(axis=-1)
     classes = model.manifest.classes
+    response.headers.update(rate)
     return PredictResponse(
         predictions=predictions.tolist(),
         labels=[classes[i] for i in predictions],

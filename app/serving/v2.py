@@ -23,6 +23,7 @@ from app.db import get_engine
 from app.errors import AppError
 from app.ml.signature import Datatype, ModelSignature
 from app.ml.text import TEXT, TEXT_PAIR
+from app.quotas import PredictRate
 from app.serving import service
 from app.serving.engine import get_serving_engine, softmax
 
@@ -329,6 +330,7 @@ async def model_version_ready(principal: PrincipalDep, name: str, version: str) 
 async def _infer(
     request: Request, tenant_id: str, name: str, version: str | None, settings: Settings
 ) -> Response:
+    """The inference, its answer or the protocol's error, without the rate fields."""
     try:
         model, version = await _served(tenant_id, name, version)
         if "inference-header-content-length" in request.headers:
@@ -394,6 +396,7 @@ _INFER = {
 @router.post("/models/{name}/infer", **_INFER)  # type: ignore[arg-type]
 async def infer(
     principal: PrincipalDep,
+    rate: PredictRate,
     request: Request,
     name: str,
     settings: Annotated[Settings, Depends(get_settings)],
@@ -401,16 +404,21 @@ async def infer(
     """``$inference_request`` in, ``$inference_response`` out: outputs ``logits`` (or the
     signature's name for the class scores) and ``probabilities`` (their softmax), both FP32,
     or those named in ``outputs``; the request's ``id`` is echoed."""
-    return await _infer(request, principal.tenant_id, name, None, settings)
+    answer = await _infer(request, principal.tenant_id, name, None, settings)
+    answer.headers.update(rate)
+    return answer
 
 
 @router.post("/models/{name}/versions/{version}/infer", **_INFER)  # type: ignore[arg-type]
 async def infer_version(
     principal: PrincipalDep,
+    rate: PredictRate,
     request: Request,
     name: str,
     version: str,
     settings: Annotated[Settings, Depends(get_settings)],
 ) -> Response:
     """Inference on one version (``1``, or ``int8`` when the job has it)."""
-    return await _infer(request, principal.tenant_id, name, version, settings)
+    answer = await _infer(request, principal.tenant_id, name, version, settings)
+    answer.headers.update(rate)
+    return answer

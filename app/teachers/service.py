@@ -9,6 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.db import lock_rows
 from app.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from app.ml.archives import zip_files
@@ -16,6 +17,7 @@ from app.ml.signature import OutputKind, Preprocessing
 from app.ml.teacher_formats import TeacherDeclarations, inspect_teacher
 from app.ml.teacher_formats.huggingface import DISTILL_KEY
 from app.models import TERMINAL_STATUSES, Job, JobTeacher, Teacher
+from app.quotas import check_storage
 from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback, sha256_file
 
 CLASS_NAMES = TypeAdapter(list[str])
@@ -82,6 +84,7 @@ def create_teacher(
     any reason, and the kept one if the request's transaction rolls back. ``source``: where a
     fetched teacher came from, recorded in its architecture (``distill.hub``)."""
     with store.holding(upload):
+        check_storage(session, store, tenant_id, upload.size_bytes, get_settings())
         info = inspect_teacher(upload.path, filename, config, declared)
         architecture = info.architecture
         if source is not None and architecture is not None:

@@ -15,9 +15,11 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def upload_teacher(client: TestClient, teacher: TeacherFiles) -> dict[str, object]:
+def upload_teacher(
+    client: TestClient, teacher: TeacherFiles, headers: dict[str, str] | None = None
+) -> dict[str, object]:
     with open(teacher.onnx, "rb") as f:
-        response = client.post("/v1/teachers", files={"file": ("teacher.onnx", f)})
+        response = client.post("/v1/teachers", files={"file": ("teacher.onnx", f)}, headers=headers)
     assert response.status_code == 201, response.text
     body: dict[str, object] = response.json()
     return body

@@ -15,7 +15,7 @@ from tests.helpers.teachers import TeacherFiles
 from worker.attempt import Attempt, JobSuperseded
 from worker.pipeline import claim, finalize, finish
 from worker.recipe import Cancelled
-from worker.recovery import recover_stale_jobs, resend_lost_messages
+from worker.recovery import recover_stale_jobs
 
 
 @pytest.fixture
@@ -164,26 +164,6 @@ def test_recovery_requeues_only_silent_jobs(
     assert failed.status == JobStatus.FAILED and failed.error is not None
     assert failed.error["code"] == "worker_lost"
     assert claim(silent, max_attempts=3) == 2  # the requeued job can be claimed again
-
-
-def test_queued_jobs_whose_message_was_lost_are_sent_again(
-    client: TestClient, digits_teacher: TeacherFiles
-) -> None:
-    """A queued job no worker claimed ``queued_resend_after_s`` after its message was sent is
-    sent again, once per period; fresh queued jobs and running ones are left alone."""
-    teacher = upload_teacher(client, digits_teacher)
-    ids = [client.post("/v1/jobs", json=job_body(teacher["id"])).json()["id"] for _ in range(3)]
-    lost, fresh, running = ids
-    long_ago = utcnow() - timedelta(hours=1)
-    set_job(lost, enqueued_at=long_ago)
-    claim(running, max_attempts=3)
-    set_job(running, enqueued_at=long_ago)
-
-    assert resend_lost_messages() == [lost]
-    resent_at = get_job(lost).enqueued_at
-    assert resent_at is not None and resent_at > utcnow() - timedelta(minutes=1)
-    assert resend_lost_messages() == []  # not again until another period has passed
-    assert claim(lost, max_attempts=3) == 1 and claim(fresh, max_attempts=3) == 1
 
 
 def test_the_watchdog_calls_on_stall_when_the_job_shows_no_progress(job_id: str) -> None:
