@@ -57,6 +57,12 @@ def _auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+def _idempotency_headers(key: str | None) -> dict[str, str]:
+    """The ``Idempotency-Key`` header for ``key``: the same key sent again (a retry) gets the
+    first success's answer again instead of doing the work twice."""
+    return {} if key is None else {"Idempotency-Key": key}
+
+
 class DistillError(Exception):
     """An error answer of the API: its HTTP ``status`` and the problem's ``code``, ``detail``
     and ``field`` (the input to blame, when one is); ``problem`` is the whole body."""
@@ -275,9 +281,10 @@ class DistillClient:
         output_kind: OutputKind | None = None,
         classes: Sequence[str] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> TeacherOut:
         """Upload a teacher file: ONNX, safetensors with its ``config``, or a Hugging Face
-        ``save_pretrained`` archive."""
+        ``save_pretrained`` archive; ``idempotency_key`` makes a retry safe."""
         form = _teacher_form(
             name=name,
             config=config,
@@ -289,7 +296,11 @@ class DistillClient:
         path = Path(path)
         with path.open("rb") as file:
             response = self._request(
-                "POST", "/v1/teachers", files={"file": (path.name, file)}, data=form
+                "POST",
+                "/v1/teachers",
+                files={"file": (path.name, file)},
+                data=form,
+                headers=_idempotency_headers(idempotency_key),
             )
         return TeacherOut.model_validate(response.json())
 
@@ -315,9 +326,10 @@ class DistillClient:
         text_column: str | None = None,
         text_pair_column: str | None = None,
         label_column: str | None = None,
+        idempotency_key: str | None = None,
     ) -> DatasetOut:
         """Upload a dataset: ``.npz`` arrays, or text records (CSV, TSV, JSONL, Parquet) with an
-        optional ``test_file``."""
+        optional ``test_file``; ``idempotency_key`` makes a retry safe."""
         form = _dataset_form(
             name=name,
             classes=classes,
@@ -328,7 +340,13 @@ class DistillClient:
         paths = {"file": Path(path)} | ({} if test_file is None else {"test_file": Path(test_file)})
         files = {key: (p.name, p.open("rb")) for key, p in paths.items()}
         try:
-            response = self._request("POST", "/v1/datasets", files=files, data=form)
+            response = self._request(
+                "POST",
+                "/v1/datasets",
+                files=files,
+                data=form,
+                headers=_idempotency_headers(idempotency_key),
+            )
         finally:
             for _, file in files.values():
                 file.close()
@@ -342,11 +360,18 @@ class DistillClient:
         """One dataset: ``builtin:<name>`` or an uploaded one's id."""
         return DatasetOut.model_validate(self._request("GET", f"/v1/datasets/{ref}").json())
 
-    def submit_job(self, spec: DistillationSpec | Mapping[str, Any]) -> JobOut:
-        """Submit a distillation job (validated by the server, preflight included)."""
-        return JobOut.model_validate(
-            self._request("POST", "/v1/jobs", json=_spec_body(spec)).json()
+    def submit_job(
+        self, spec: DistillationSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> JobOut:
+        """Submit a distillation job (validated by the server, preflight included);
+        ``idempotency_key`` makes a retry safe: it answers the first submission again."""
+        response = self._request(
+            "POST",
+            "/v1/jobs",
+            json=_spec_body(spec),
+            headers=_idempotency_headers(idempotency_key),
         )
+        return JobOut.model_validate(response.json())
 
     def list_jobs(
         self, *, limit: int = 50, offset: int = 0, status: JobStatus | None = None
@@ -481,9 +506,10 @@ class AsyncDistillClient:
         output_kind: OutputKind | None = None,
         classes: Sequence[str] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> TeacherOut:
         """Upload a teacher file: ONNX, safetensors with its ``config``, or a Hugging Face
-        ``save_pretrained`` archive."""
+        ``save_pretrained`` archive; ``idempotency_key`` makes a retry safe."""
         form = _teacher_form(
             name=name,
             config=config,
@@ -495,7 +521,11 @@ class AsyncDistillClient:
         path = Path(path)
         with path.open("rb") as file:
             response = await self._request(
-                "POST", "/v1/teachers", files={"file": (path.name, file)}, data=form
+                "POST",
+                "/v1/teachers",
+                files={"file": (path.name, file)},
+                data=form,
+                headers=_idempotency_headers(idempotency_key),
             )
         return TeacherOut.model_validate(response.json())
 
@@ -523,9 +553,10 @@ class AsyncDistillClient:
         text_column: str | None = None,
         text_pair_column: str | None = None,
         label_column: str | None = None,
+        idempotency_key: str | None = None,
     ) -> DatasetOut:
         """Upload a dataset: ``.npz`` arrays, or text records (CSV, TSV, JSONL, Parquet) with an
-        optional ``test_file``."""
+        optional ``test_file``; ``idempotency_key`` makes a retry safe."""
         form = _dataset_form(
             name=name,
             classes=classes,
@@ -536,7 +567,13 @@ class AsyncDistillClient:
         paths = {"file": Path(path)} | ({} if test_file is None else {"test_file": Path(test_file)})
         files = {key: (p.name, p.open("rb")) for key, p in paths.items()}
         try:
-            response = await self._request("POST", "/v1/datasets", files=files, data=form)
+            response = await self._request(
+                "POST",
+                "/v1/datasets",
+                files=files,
+                data=form,
+                headers=_idempotency_headers(idempotency_key),
+            )
         finally:
             for _, file in files.values():
                 file.close()
@@ -552,9 +589,17 @@ class AsyncDistillClient:
         response = await self._request("GET", f"/v1/datasets/{ref}")
         return DatasetOut.model_validate(response.json())
 
-    async def submit_job(self, spec: DistillationSpec | Mapping[str, Any]) -> JobOut:
-        """Submit a distillation job (validated by the server, preflight included)."""
-        response = await self._request("POST", "/v1/jobs", json=_spec_body(spec))
+    async def submit_job(
+        self, spec: DistillationSpec | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> JobOut:
+        """Submit a distillation job (validated by the server, preflight included);
+        ``idempotency_key`` makes a retry safe: it answers the first submission again."""
+        response = await self._request(
+            "POST",
+            "/v1/jobs",
+            json=_spec_body(spec),
+            headers=_idempotency_headers(idempotency_key),
+        )
         return JobOut.model_validate(response.json())
 
     async def list_jobs(

@@ -9,6 +9,7 @@ from app.datasets.npz import parse_classes
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 from app.errors import problem_responses
+from app.idempotency import IdempotencyDep
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -23,10 +24,11 @@ def decoding_budget(settings: Settings) -> int:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetOut,
-    responses=problem_responses(415),
+    responses=problem_responses(409, 413, 415, 507),
 )
 def upload_dataset(
     principal: PrincipalDep,
+    idempotency: IdempotencyDep,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -80,9 +82,11 @@ def upload_dataset(
             "transfer set, which needs a labelled test split).",
         ),
     ] = None,
-) -> DatasetOut:
+) -> DatasetOut | Response:
     """Upload a dataset: `.npz` arrays (`x`, `y`, optionally `x_test`, `y_test`), or text
     records (CSV, TSV, JSON lines or Parquet)."""
+    if idempotency.replay is not None:
+        return idempotency.replay
     names = None if classes is None else parse_classes(classes)
     dataset = service.upload_dataset(
         session,
@@ -100,7 +104,7 @@ def upload_dataset(
         max_bytes=settings.max_dataset_bytes,
         decoding_budget=decoding_budget(settings),
     )
-    return service.uploaded_out(dataset, store)
+    return idempotency.remember(service.uploaded_out(dataset, store))
 
 
 @router.get("", response_model=DatasetList)

@@ -7,6 +7,7 @@ from app.auth import PrincipalDep
 from app.config import MIB
 from app.dependencies import SessionDep, StoreDep
 from app.errors import problem_responses
+from app.idempotency import IdempotencyDep
 from app.jobs import events, service
 from app.jobs.schemas import DistillationSpec, JobOut, JobPage, MetricList, MetricOut
 from app.models import JobStatus
@@ -22,15 +23,21 @@ MAX_OFFSET = 2**31 - 1
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     max_body_size=MIB,
-    responses=problem_responses(503),
+    responses=problem_responses(409, 429, 503, 507),
 )
 def create_job(
-    principal: PrincipalDep, session: SessionDep, spec: DistillationSpec, response: Response
-) -> JobOut:
+    principal: PrincipalDep,
+    idempotency: IdempotencyDep,
+    session: SessionDep,
+    spec: DistillationSpec,
+    response: Response,
+) -> JobOut | Response:
     """Submit a distillation job; it is queued and runs on a worker."""
+    if idempotency.replay is not None:
+        return idempotency.replay
     job = service.create_job(session, principal.tenant_id, spec)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return service.job_out(session, job)
+    return idempotency.remember(service.job_out(session, job))
 
 
 @router.get("", response_model=JobPage)

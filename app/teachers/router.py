@@ -5,6 +5,7 @@ from fastapi import APIRouter, Form, Response, UploadFile, status
 from app.auth import PrincipalDep
 from app.dependencies import SessionDep, SettingsDep, StoreDep
 from app.errors import InvalidInput, problem_responses
+from app.idempotency import IdempotencyDep
 from app.ml.signature import OutputKind
 from app.teachers import service
 from app.teachers.schemas import TeacherList, TeacherOut
@@ -16,10 +17,11 @@ router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=TeacherOut,
-    responses=problem_responses(413, 415),
+    responses=problem_responses(409, 413, 415, 507),
 )
 def upload_teacher(
     principal: PrincipalDep,
+    idempotency: IdempotencyDep,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -60,8 +62,10 @@ def upload_teacher(
             'e.g. `{"kind": "image", "scale": 0.00392156862745098}` (pixels / 255).'
         ),
     ] = None,
-) -> TeacherOut:
+) -> TeacherOut | Response:
     """Upload a teacher: ONNX, safetensors with a `config`, or a Hugging Face model."""
+    if idempotency.replay is not None:
+        return idempotency.replay
     declared = service.declarations(
         output=output, output_kind=output_kind, classes=classes, preprocessing=preprocessing
     )
@@ -89,7 +93,7 @@ def upload_teacher(
         )
     else:
         raise InvalidInput("Send either a teacher `file` or a `reference`.", field="file")
-    return TeacherOut.model_validate(teacher)
+    return idempotency.remember(TeacherOut.model_validate(teacher))
 
 
 @router.get("", response_model=TeacherList)
