@@ -163,6 +163,14 @@ class Settings(BaseSettings):
         "a 429 with Retry-After. Every answer carries the RateLimit and RateLimit-Policy "
         "headers. Unset: no limit.",
     )
+    artifact_retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="A succeeded job's student files (every artifact format) are removed this "
+        "many days after it finished; the job stays, with its result and metrics, and its "
+        "downloads and served model answer 410 `artifacts_expired`. Checkpoints are always "
+        "removed as a job ends. Unset: students are kept until their job is deleted.",
+    )
     idempotency_ttl_s: float = Field(
         default=24 * 3600,
         gt=0,

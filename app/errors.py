@@ -145,6 +145,12 @@ class JobNotReady(Conflict):
     code, title = "job_not_ready", "Job has not succeeded"
 
 
+class ArtifactsExpired(AppError):
+    """The job's student files were removed by the retention setting; the job itself stays."""
+
+    status, code, title = 410, "artifacts_expired", "Student removed"
+
+
 class InvalidInput(AppError):
     status, code, title = 422, "invalid_input", "Invalid input"
 

@@ -227,6 +227,12 @@ class JobsCollector(Collector):
                 )
                 .group_by(Job.status)
             ).all()
+            phases = connection.execute(
+                select(Job.phase_seconds).where(
+                    Job.status.in_(list(TERMINAL_STATUSES)), Job.phase_seconds.is_not(None)
+                )
+            ).scalars()
+            phase_durations = _phase_histograms(phases)
             tenants = dict(connection.execute(select(Tenant.id, Tenant.name)).all())
             stored = {
                 kind: connection.execute(query).all()
@@ -267,7 +273,32 @@ class JobsCollector(Collector):
                 (str(float(b)), int(c or 0)) for b, c in zip(JOB_BUCKETS, cumulative, strict=True)
             ]
             histogram.add_metric([status], [*buckets, ("+Inf", int(count))], float(total))
-        return [jobs, depth, age, histogram, storage]
+        by_phase = HistogramMetricFamily(
+            "distill_job_phase_duration_seconds",
+            "Time finished jobs' last attempt spent in each phase (validating, teacher_outputs, "
+            "training, evaluating, exporting).",
+            labels=["phase"],
+        )
+        for phase, (cumulative, total) in sorted(phase_durations.items()):
+            bounded = zip(JOB_BUCKETS, cumulative[:-1], strict=True)
+            buckets = [(str(float(b)), c) for b, c in bounded]
+            by_phase.add_metric([phase], [*buckets, ("+Inf", cumulative[-1])], total)
+        return [jobs, depth, age, histogram, by_phase, storage]
+
+
+def _phase_histograms(
+    rows: Iterable[dict[str, float] | None],
+) -> dict[str, tuple[list[int], float]]:
+    """Per phase, cumulative bucket counts (``JOB_BUCKETS``, then +Inf) and the sum, from jobs'
+    ``phase_seconds``."""
+    found: dict[str, tuple[list[int], float]] = {}
+    for row in rows:
+        for phase, seconds in (row or {}).items():
+            counts, total = found.get(phase, ([0] * (len(JOB_BUCKETS) + 1), 0.0))
+            for i, bound in enumerate((*JOB_BUCKETS, float("inf"))):
+                counts[i] += seconds <= bound
+            found[phase] = (counts, total + seconds)
+    return found
 
 
 def render(accept: str | None) -> tuple[bytes, str]:

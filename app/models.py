@@ -194,6 +194,10 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Set when DISTILL_ARTIFACT_RETENTION_DAYS removed its student's files (worker.retention).
+    artifacts_removed_at: Mapped[datetime | None]
+    # Seconds spent in each phase of its last attempt, {"training": 41.2, ...}, as they end.
+    phase_seconds: Mapped[dict[str, Any] | None]
 
 
 class JobTeacher(Base):

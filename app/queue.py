@@ -28,6 +28,7 @@ CONTROL_QUEUE = "distill-control"
 class TaskName(StrEnum):
     DISTILL = "distill.run_next_job"
     RECOVER = "distill.recover_jobs"
+    EXPIRE_ARTIFACTS = "distill.expire_artifacts"
 
 
 def configure_celery(app: Celery, settings: Settings) -> None:
@@ -52,7 +53,10 @@ def configure_celery(app: Celery, settings: Settings) -> None:
             "polling_interval": 0.1,
         }
     app.conf.task_default_queue = QUEUE
-    app.conf.task_routes = {TaskName.RECOVER: {"queue": CONTROL_QUEUE}}
+    app.conf.task_routes = {
+        TaskName.RECOVER: {"queue": CONTROL_QUEUE},
+        TaskName.EXPIRE_ARTIFACTS: {"queue": CONTROL_QUEUE},
+    }
     app.conf.task_ignore_result = True
     app.conf.broker_connection_retry_on_startup = True
 

@@ -51,7 +51,9 @@ class Attempt:
         self._fraction = 0.0
         self._cancel_requested = False
         self._superseded = False
-        self.phase_name = JobPhase.VALIDATING
+        self.phase_name = JobPhase.VALIDATING  # the phase its claim set
+        self._phase_started = time.monotonic()
+        self._phase_seconds: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_forever, daemon=True, name="heartbeat")
 
@@ -96,10 +98,15 @@ class Attempt:
         self._cancel_requested = flag
 
     def phase(self, phase: JobPhase) -> None:
+        """Enter ``phase``; the time spent in the one it ends is recorded with it."""
         log.info("job.phase", extra={"job_id": self.job_id, "phase": phase})
-        self.phase_name = phase
-        self._last_progress = time.monotonic()
-        self._beat(phase=phase)
+        now = time.monotonic()
+        self._phase_seconds[self.phase_name] = round(
+            self._phase_seconds.get(self.phase_name, 0.0) + now - self._phase_started, 3
+        )
+        self.phase_name, self._phase_started = phase, now
+        self._last_progress = now
+        self._beat(phase=phase, phase_seconds=dict(self._phase_seconds))
         if self._cancel_requested:
             raise Cancelled(self.job_id)
 

@@ -23,6 +23,8 @@ from app.logs import configure_logging
 from app.queue import TaskName, configure_celery
 
 settings = get_settings()
+# Retention is counted in days: an hourly look is soon enough.
+RETENTION_INTERVAL_S = 3600.0
 celery_app = Celery("distill", include=["worker.tasks"])
 configure_celery(celery_app, settings)
 celery_app.conf.update(
@@ -38,7 +40,12 @@ celery_app.conf.update(
             "schedule": settings.recovery_interval_s,
             # A tick that waits behind a long job is dropped; the next one will do.
             "options": {"expires": 0.9 * settings.recovery_interval_s},
-        }
+        },
+        "expire-artifacts": {
+            "task": TaskName.EXPIRE_ARTIFACTS,
+            "schedule": RETENTION_INTERVAL_S,
+            "options": {"expires": 0.9 * RETENTION_INTERVAL_S},
+        },
     },
 )
 

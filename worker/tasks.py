@@ -1,7 +1,7 @@
 """Thin tasks: the logic lives in plain functions that tests call directly."""
 
 from app.queue import TaskName
-from worker import recovery, supervisor
+from worker import recovery, retention, supervisor
 from worker.celery_app import celery_app, job_torch_threads
 
 
@@ -17,3 +17,9 @@ def recover_jobs() -> list[str]:
     requeued = recovery.recover_stale_jobs()
     recovery.top_up_messages()
     return requeued
+
+
+@celery_app.task(name=TaskName.EXPIRE_ARTIFACTS)
+def expire_artifacts() -> list[str]:
+    """Remove the students of jobs past ``DISTILL_ARTIFACT_RETENTION_DAYS``."""
+    return retention.expire_artifacts()

@@ -196,6 +196,16 @@ class JobOut(BaseModel):
     started_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
+    artifacts_removed_at: datetime | None = Field(
+        default=None,
+        description="When DISTILL_ARTIFACT_RETENTION_DAYS removed its student's files (then "
+        "downloading or serving it is a 410 `artifacts_expired`).",
+    )
+    phase_seconds: dict[str, float] | None = Field(
+        default=None,
+        description="Seconds its last attempt spent in each phase that has ended "
+        '(`{"validating": 0.4, "teacher_outputs": 3.1, "training": 41.2, ...}`).',
+    )
     latest_metrics: dict[str, Any] | None = None
     result: JobResult | None
     error: dict[str, Any] | None

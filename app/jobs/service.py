@@ -306,6 +306,8 @@ def _job_out(job: Job, metrics: dict[str, Any] | None) -> JobOut:
         started_at=job.started_at,
         heartbeat_at=job.heartbeat_at,
         finished_at=job.finished_at,
+        artifacts_removed_at=job.artifacts_removed_at,
+        phase_seconds=job.phase_seconds,
         latest_metrics=metrics,
         result=job.result,
         error=job.error,

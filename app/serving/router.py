@@ -20,7 +20,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["serving"])
 predict_router = APIRouter(tags=["serving"])
 
 
-@router.get("/{job_id}/artifact", response_class=FileResponse, responses=problem_responses(409))
+@router.get(
+    "/{job_id}/artifact", response_class=FileResponse, responses=problem_responses(409, 410)
+)
 def download_artifact(
     principal: PrincipalDep,
     session: SessionDep,
@@ -48,7 +50,7 @@ def download_artifact(
     "/{job_id}/predict",
     response_model=PredictResponse,
     max_body_size=64 * MIB,
-    responses=problem_responses(409, 429),
+    responses=problem_responses(409, 410, 429),
 )
 async def predict(
     principal: PrincipalDep,

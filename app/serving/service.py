@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.dependencies import database_slot
-from app.errors import Conflict, InvalidInput, JobNotReady, NotFound
+from app.errors import ArtifactsExpired, Conflict, InvalidInput, JobNotReady, NotFound
 from app.jobs.service import get_job
 from app.ml.artifacts import Manifest, read_manifest
 from app.ml.signature import ModelSignature, TextPreprocessing
@@ -37,19 +37,31 @@ RESOLVE_TTL_S = 1.0
 def get_artifact(
     session: Session, tenant_id: str, job_id: str, artifact_format: ArtifactFormat
 ) -> Artifact:
-    """The tenant's succeeded job's artifact. Raises NotFound, JobNotReady (409)."""
+    """The tenant's succeeded job's artifact. Raises NotFound, JobNotReady (409),
+    ArtifactsExpired (410)."""
     job = get_job(session, tenant_id, job_id)
     if job.status != JobStatus.SUCCEEDED:
         raise JobNotReady(
             f"Job {job_id} is {job.status}; its student is available once it has succeeded.",
             job_status=job.status,
         )
+    expired(job)
     artifact = session.scalar(
         select(Artifact).where(Artifact.job_id == job_id, Artifact.format == artifact_format)
     )
     if artifact is None:
         raise NotFound(f"Job {job_id} has no {artifact_format} artifact.")
     return artifact
+
+
+def expired(job: Job) -> None:
+    """Raises ArtifactsExpired when the retention setting removed the job's student."""
+    if job.artifacts_removed_at is not None:
+        raise ArtifactsExpired(
+            f"Job {job.id}'s student was removed on {job.artifacts_removed_at:%Y-%m-%d}, "
+            "past the deployment's retention period (DISTILL_ARTIFACT_RETENTION_DAYS); the job's "
+            "result and metrics remain."
+        )
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,8 @@ def find_served_model(
     session: Session, store: ArtifactStore, tenant_id: str, name: str
 ) -> ServedModel:
     """The tenant's student named ``name`` (a job id, else an alias). A job that exists but has
-    not succeeded raises ``JobNotReady``; no job (or another tenant's), ``NoSuchJob``."""
+    not succeeded raises ``JobNotReady``; no job (or another tenant's), ``NoSuchJob``; one
+    whose student the retention setting removed, ``ArtifactsExpired``."""
     job = session.get(Job, name) if _UUID.match(name) else None
     if job is None or job.tenant_id != tenant_id:
         job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.alias == name))
@@ -139,6 +152,7 @@ def find_served_model(
             f"Job {job.id} is {job.status}; its student is served once it has succeeded.",
             job_status=job.status,
         )
+    expired(job)
     artifacts = {
         a.format: store.path(a.storage_key)
         for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id))

@@ -1,5 +1,7 @@
-"""fair dispatch and idempotency keys: tenants record when a worker last took one of their jobs
-(round-robin among tenants); requests made with an Idempotency-Key are kept with their response.
+"""fair dispatch, idempotency keys, retention, phase times: tenants record when a worker last took
+one of their jobs (round-robin among tenants); requests made with an Idempotency-Key are kept with
+their response; jobs record when their artifacts were removed by the retention setting, and how
+long each phase took.
 
 Revision ID: e5b8c2d1f9a7
 Revises: d9a4f0c3e7b1
@@ -24,6 +26,11 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column('dispatched_at', app.models.UTCDateTime(timezone=True), nullable=True)
         )
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column('artifacts_removed_at', app.models.UTCDateTime(timezone=True), nullable=True)
+        )
+        batch_op.add_column(sa.Column('phase_seconds', sa.JSON(), nullable=True))
     op.create_table(
         'idempotency_keys',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
@@ -50,5 +57,8 @@ def downgrade() -> None:
     with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_idempotency_keys_expires_at'))
     op.drop_table('idempotency_keys')
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('phase_seconds')
+        batch_op.drop_column('artifacts_removed_at')
     with op.batch_alter_table('tenants', schema=None) as batch_op:
         batch_op.drop_column('dispatched_at')

@@ -60,6 +60,12 @@ def test_jobs_and_predictions_are_counted(client: TestClient, digits_teacher: Te
     assert value(after, "distill_job_duration_seconds_bucket", le="+Inf", **succeeded) == 1
     assert 0 < value(after, "distill_job_duration_seconds_sum", **succeeded) < 600
     assert value(after, "distill_job_duration_seconds_count", status="cancelled") == 0
+    # Each phase it went through, once; together no longer than the job.
+    phases = ("validating", "teacher_outputs", "training", "evaluating", "exporting")
+    for phase in phases:
+        assert value(after, "distill_job_phase_duration_seconds_count", phase=phase) == 1, phase
+    spent = sum(value(after, "distill_job_phase_duration_seconds_sum", phase=p) for p in phases)
+    assert 0 < spent <= value(after, "distill_job_duration_seconds_sum", **succeeded)
     assert waiting not in str(after)  # no job ids among the database's labels
 
     def delta(name: str, **labels: str) -> float:

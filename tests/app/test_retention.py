@@ -1,18 +1,26 @@
 """Retention (issue 13, part 4), on both stacks: deleting finished jobs (their metrics and files),
-uploaded datasets no unfinished job uses, and a tenant's caches; the bytes a tenant stores, by
-``GET /v1/usage`` and in ``/metrics``."""
+uploaded datasets no unfinished job uses, and a tenant's caches; students removed past
+``DISTILL_ARTIFACT_RETENTION_DAYS``; the bytes a tenant stores, by ``GET /v1/usage`` and in
+``/metrics``."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from app.config import get_settings
 from app.datasets.loading import load_builtin
+from app.db import session_scope
+from app.models import Job, utcnow
 from app.storage import get_store, keys
 from tests.helpers.api import job_body, npz_bytes, upload_teacher
 from tests.helpers.stacks import Stack
 from tests.helpers.teachers import TeacherFiles
 from worker.pipeline import run_job
+from worker.retention import expire_artifacts
 
 
 def upload_digits(client: TestClient) -> dict[str, object]:
@@ -134,3 +142,42 @@ def test_usage_counts_what_the_tenant_stores_and_the_cache_empties(
         client.get(f"/v1/jobs/{again}").json()["result"]["teacher_accuracy"],
         client.get(f"/v1/jobs/{job}").json()["result"]["teacher_accuracy"],
     )
+
+
+def test_students_past_the_retention_period_are_removed_and_their_jobs_kept(
+    client: TestClient, digits_teacher: TeacherFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher = upload_teacher(client, digits_teacher)["id"]
+    old, recent = (client.post("/v1/jobs", json=job_body(teacher)).json()["id"] for _ in range(2))
+    run_job(old)
+    run_job(recent)
+    assert client.put(f"/v1/jobs/{old}/alias", json={"alias": "aged"}).status_code == 200
+    with session_scope() as session:  # it finished 8 days ago
+        session.execute(
+            update(Job).where(Job.id == old).values(finished_at=utcnow() - timedelta(days=8))
+        )
+    assert expire_artifacts() == []  # no retention set: kept
+    monkeypatch.setenv("DISTILL_ARTIFACT_RETENTION_DAYS", "7")
+    get_settings.cache_clear()
+    try:
+        assert expire_artifacts() == [old]
+        assert expire_artifacts() == []
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+    assert not files_under(keys.artifacts(old)) and files_under(keys.artifacts(recent))
+    job = client.get(f"/v1/jobs/{old}").json()
+    assert job["status"] == "succeeded" and job["artifacts_removed_at"] is not None
+    assert job["result"]["student_accuracy"] > 0 and client.get(f"/v1/jobs/{old}/metrics").json()
+    for response in (
+        client.get(f"/v1/jobs/{old}/artifact"),
+        client.post(f"/v1/jobs/{old}/predict", json={"inputs": [[[[0.0] * 8] * 8]]}),
+    ):
+        assert response.status_code == 410, response.text
+        assert response.json()["code"] == "artifacts_expired"
+    v2 = client.get("/v2/models/aged")  # the protocol answers every unservable model 404
+    assert v2.status_code == 404 and "retention period" in v2.json()["error"]
+    assert client.get(f"/v1/jobs/{recent}/artifact").status_code == 200
+    usage = client.get("/v1/usage").json()["artifacts_bytes"]
+    assert usage == sum(p.stat().st_size for p in files_under(keys.artifacts(recent)))

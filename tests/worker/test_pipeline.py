@@ -1,6 +1,8 @@
 """A job through ``worker.pipeline.run_job`` on the real databases, in this process, without
 Celery: claim, read (teachers from their membership rows), recipe, finalize."""
 
+from datetime import datetime
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -24,6 +26,11 @@ def test_a_job_runs_in_process_and_its_student_is_served(
     result = job["result"]
     assert result["teacher_accuracy"] == pytest.approx(digits_teacher.test_accuracy)
     assert result["epochs_run"] == 3 and result["wall_seconds"] > 0
+    phases = job["phase_seconds"]
+    assert list(phases) == ["validating", "teacher_outputs", "training", "evaluating", "exporting"]
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["training"] > 0
+    ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+    assert sum(phases.values()) <= ran.total_seconds()
     codes = [w["code"] for w in result["warnings"]]
     assert codes == (["still_improving"] if result["best_epoch"] == 3 else [])
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
