@@ -23,8 +23,9 @@ from typing import Annotated, Any
 import anyio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -35,6 +36,8 @@ from app.errors import Forbidden, InvalidInput, InvalidKey, NotFound, Unauthoriz
 from app.models import DEFAULT_TENANT_ID, ApiKey, KeyRole, Tenant
 
 KEY_PREFIX = "dsk_"
+# Where a request's principal is kept once found (``request.state``).
+PRINCIPAL_STATE = "principal"
 _hasher = PasswordHasher()
 # Checking a key's hash costs about 0.15 s of CPU: a process remembers the keys whose hash it
 # has checked (by their SHA-256, in memory only). It also trusts the principal of a key read
@@ -168,20 +171,18 @@ _bearer = HTTPBearer(
 )
 
 
-async def current_principal(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """Who the request acts for. Raises Unauthorized (401, with ``WWW-Authenticate``) when keys
-    are required and none (or a bad one) was sent."""
+async def principal_for(token: str | None) -> Principal:
+    """Who a request with this bearer token (None: no ``Authorization: Bearer``) acts for.
+    Raises Unauthorized (401, with ``WWW-Authenticate``) when keys are required and none (or a
+    bad one) was sent."""
     settings = get_settings()
     if not settings.auth_required:
         return ANONYMOUS
-    if credentials is None:
+    if token is None:
         raise Unauthorized(
             "This server needs an API key: send `Authorization: Bearer <key>` "
             "(`distill keys create` on the server makes one)."
         )
-    token = credentials.credentials
     digest, now = _digest(token), time.monotonic()
     hit = _checked.get(digest)
     if hit is not None and now - hit[0] < settings.auth_cache_s:
@@ -198,6 +199,24 @@ async def current_principal(
         principal = await anyio.to_thread.run_sync(check)
     _remember(_checked, digest, (now, principal))
     return principal
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value (the scheme in any case)."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """Who the request acts for: found before its body was read (``authenticate_first`` in
+    app.main), else now. Raises Unauthorized (401)."""
+    found: Principal | None = getattr(request.state, PRINCIPAL_STATE, None)
+    if found is not None:
+        return found
+    return await principal_for(None if credentials is None else credentials.credentials)
 
 
 async def admin_principal(

@@ -14,9 +14,10 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
-from app.auth import AdminDep
+from app.auth import PRINCIPAL_STATE, AdminDep, bearer_token, principal_for
 from app.config import MIB, get_settings
 from app.datasets.router import router as datasets_router
 from app.db import get_engine
@@ -248,6 +249,31 @@ def create_app() -> FastAPI:
     return add_common_parts(app)
 
 
+# Methods whose requests carry a body that FastAPI reads (and parses) before any dependency.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class AuthenticateFirst:
+    """Where keys are required, a request with a body is authenticated before its body is read:
+    without a key (or with a bad one) a 64 MiB upload is a 401 at once, not after the API has
+    received and parsed it. The principal found is kept for ``current_principal``. Pure ASGI,
+    so the body stays unread and streams to the route as before."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in _BODY_METHODS:
+            request = Request(scope)
+            try:
+                principal = await principal_for(bearer_token(request.headers.get("authorization")))
+            except AppError as e:
+                await (await app_error_handler(request, e))(scope, receive, send)
+                return
+            setattr(request.state, PRINCIPAL_STATE, principal)
+        await self.app(scope, receive, send)
+
+
 def add_common_parts(app: FastAPI) -> FastAPI:
     """What every Distill app has (the API, and ``distill serve``'s): the error handlers, the
     health routes, and an OpenAPI document listing the problems each operation gives."""
@@ -256,6 +282,7 @@ def add_common_parts(app: FastAPI) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     configure_logging()
+    app.add_middleware(AuthenticateFirst)  # inside the request context: its 401s are logged
     app.add_middleware(RequestContextMiddleware)
 
     @app.get("/healthz", tags=["ops"])

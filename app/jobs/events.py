@@ -41,7 +41,7 @@ hand-written one, one from an older format) counts as none: the whole stream aga
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import IntEnum, StrEnum
@@ -298,11 +298,17 @@ async def first_snapshot(tenant_id: str, job_id: str, cursor: Cursor) -> JobSnap
 
 
 async def follow(
-    request: Request, tenant_id: str, job_id: str, cursor: Cursor, snapshot: JobSnapshot
+    request: Request,
+    tenant_id: str,
+    job_id: str,
+    cursor: Cursor,
+    snapshot: JobSnapshot,
+    allowed: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[ServerSentEvent]:
     """The events from ``cursor`` on: those ``snapshot`` holds, then those of a fresh snapshot
-    every ``POLL_INTERVAL_S``, until ``end`` is sent, the client disconnects or the job is
-    deleted. The first event carries the spec's ``retry`` field (``RETRY_MS``)."""
+    every ``POLL_INTERVAL_S``, until ``end`` is sent, the client disconnects, the job is
+    deleted, or ``allowed`` (asked before each poll: is the caller's key still valid?) says no.
+    The first event carries the spec's ``retry`` field (``RETRY_MS``)."""
     retry: int | None = RETRY_MS
     while True:
         events, cursor = advance(cursor, snapshot, time.monotonic())
@@ -312,7 +318,7 @@ async def follow(
         if cursor.final is Final.END:
             return
         await anyio.sleep(POLL_INTERVAL_S)
-        if await request.is_disconnected():
+        if await request.is_disconnected() or not await allowed():
             return
         next_snapshot = await load_snapshot(tenant_id, job_id, cursor.metric)
         if next_snapshot is None:

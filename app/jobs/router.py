@@ -3,10 +3,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse
 
-from app.auth import PrincipalDep
+from app.auth import PrincipalDep, bearer_token, principal_for
 from app.config import MIB
 from app.dependencies import SessionDep, StoreDep
-from app.errors import problem_responses
+from app.errors import Unauthorized, problem_responses
 from app.idempotency import IdempotencyDep
 from app.jobs import events, service
 from app.jobs.schemas import DistillationSpec, JobOut, JobPage, MetricList, MetricOut
@@ -107,7 +107,8 @@ async def job_events(
     ``attempt``; on every change), ``preflight`` (the report, once), ``metrics`` (``epoch``,
     ``values``, ``created_at``; one per epoch, as ``/metrics`` lists them), ``progress``
     (``progress``, a fraction; on a change of 1 % or after 2 s), then ``result`` or ``error``, and
-    ``end`` (``status``) last, after which the stream closes. The first event carries ``retry:``;
+    ``end`` (``status``) last, after which the stream closes; it closes early once the key it
+    was opened with is revoked or expires. The first event carries ``retry:``;
     a comment every 15 s keeps the connection open. The rows are polled every 0.5 s.
 
     Each ``id:`` is what the client has seen so far (``app.jobs.events``: ``<seq>.<attempt>.
@@ -122,8 +123,19 @@ async def job_events(
     snapshot = await events.first_snapshot(principal.tenant_id, job_id, cursor)
     if cursor.final is events.Final.END:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
+    token = bearer_token(request.headers.get("authorization"))
+
+    async def key_still_valid() -> bool:
+        # Cached for DISTILL_AUTH_CACHE_S, as for any request: a revoked key ends the stream
+        # that late, and its reconnection is a 401.
+        try:
+            await principal_for(token)
+        except Unauthorized:
+            return False
+        return True
+
     return EventSourceResponse(
-        events.follow(request, principal.tenant_id, job_id, cursor, snapshot),
+        events.follow(request, principal.tenant_id, job_id, cursor, snapshot, key_still_valid),
         ping=events.KEEP_ALIVE_S,
     )
 

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from httpx_sse import ServerSentEvent, connect_sse
 from sqlalchemy import update
 
+from app.auth import create_key, revoke_key
 from app.db import session_scope
 from app.jobs.events import (
     POLL_INTERVAL_S,
@@ -30,7 +31,7 @@ from app.jobs.events import (
     MetricRow,
     advance,
 )
-from app.models import Job, JobPhase, JobStatus
+from app.models import Job, JobPhase, JobStatus, KeyRole
 from tests.helpers.api import job_body, upload_teacher
 from tests.helpers.servers import serving
 from tests.helpers.stacks import key_headers
@@ -386,3 +387,28 @@ def test_a_client_that_leaves_a_queued_job_stops_its_stream(
     assert Cursor.decode(first.id).final is Final.NONE
     # The server keeps answering (the stream it served is gone; uvicorn stops in the fixture).
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+
+
+def test_a_stream_ends_once_its_key_is_revoked(
+    keyed_url: str, digits_teacher: TeacherFiles
+) -> None:
+    """A stream opened with a key closes within a poll of the key's revocation (the server
+    trusts a key DISTILL_AUTH_CACHE_S, 0 here), and opening it again is a 401."""
+    with session_scope() as session:
+        row, key = create_key(session, "followers", KeyRole.MEMBER)
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=keyed_url, headers=headers, timeout=30) as http:
+        with open(digits_teacher.onnx, "rb") as f:
+            teacher = http.post("/v1/teachers", files={"file": ("t.onnx", f)}).json()["id"]
+        job_id = http.post("/v1/jobs", json=job_body(teacher)).json()["id"]
+        with connect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source:
+            events = source.iter_sse()
+            assert next(events).json()["status"] == "queued"  # it stays queued: no worker
+            with session_scope() as session:
+                revoke_key(session, row.prefix)
+            revoked = time.monotonic()
+            rest = [event.event for event in events]  # the rest of the first snapshot, then
+            assert rest == ["preflight"]  # the stream ends, without an `end`: the job goes on
+        assert time.monotonic() - revoked < 5 * POLL_INTERVAL_S
+        again = http.get(f"/v1/jobs/{job_id}/events")
+        assert (again.status_code, again.json()["code"]) == (401, "key_revoked")

@@ -5,6 +5,7 @@ changes none of it. The routes are read from the app's own OpenAPI document, so 
 later is checked too."""
 
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -260,3 +261,29 @@ def test_metrics_need_an_admin_key(tenants: Tenants) -> None:
     member = tenants.a_member.get("/metrics")
     assert member.status_code == 403 and member.json()["code"] == "forbidden"
     assert tenants.anonymous.get("/metrics").status_code == 401
+
+
+def _answer_to_headers_only(url: str, headers: str) -> bytes:
+    """Send a request's head announcing a 10 MB body, and none of the body: what the server
+    answers within 10 s (b"" if it waits for the body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            f"POST /v1/teachers HTTP/1.1\r\nHost: {host}\r\n{headers}"
+            "Content-Type: multipart/form-data; boundary=x\r\n"
+            "Content-Length: 10000000\r\n\r\n".encode()
+        )
+        try:
+            return connection.recv(65536)
+        except TimeoutError:
+            return b""
+
+
+def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(
+    keyed_url: str,
+) -> None:
+    """An anonymous 10 MB upload is answered 401 from its head alone: the API does not wait
+    for (or parse) a body it would refuse."""
+    assert _answer_to_headers_only(keyed_url, "").startswith(b"HTTP/1.1 401")
+    bad = "Authorization: Bearer dsk_00000000_nope\r\n"
+    assert _answer_to_headers_only(keyed_url, bad).startswith(b"HTTP/1.1 401")
