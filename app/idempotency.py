@@ -14,7 +14,8 @@ of its own, so that of two requests with one new key exactly one does the work. 
 Only a success (2xx) is kept. A request that fails (a 4xx or 5xx, its body's validation and its
 commit included) releases its key: the client may fix the request and send it again under the
 same key, which is what a key is for (a failure changed nothing to protect). An expired key is a
-new one: its row is deleted with the tenant's other expired rows when the tenant next sends a key.
+new one: its row is deleted with the tenant's other expired rows when the tenant next sends a key;
+so is a key left unanswered for ``IN_PROGRESS_LEASE_S`` (its API process died mid-request).
 """
 
 import hashlib
@@ -44,6 +45,10 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 # Headers of the first answer that describe its result, kept to be sent again with it.
 KEPT_HEADERS = ("location",)
 MAX_KEY_LENGTH = 255
+# A key still unanswered this long after its request began was left by a process that died while
+# answering (a request's work, an upload's checks or a Hub fetch included, takes far less): it is
+# free again, rather than a 409 until it expires.
+IN_PROGRESS_LEASE_S = 3600
 FORM_TYPES = {"multipart/form-data", "application/x-www-form-urlencoded"}
 # The draft's syntax, a Structured Field String (RFC 9651): printable ASCII in quotes, with
 # backslash escaping only a quote or a backslash.
@@ -137,12 +142,16 @@ def _record(request: _Request) -> IdempotentRequest:
     or ``IdempotencyKeyInUse``."""
     now = utcnow()
     with session_scope() as session:
-        # The tenant's expired keys first (this one's included, which makes it new); the
-        # write also serializes SQLite's writers from here.
+        # The tenant's expired keys first (this one's included, which makes it new), and
+        # those whose request was never answered (its process died); the write also
+        # serializes SQLite's writers from here.
+        abandoned = IdempotentRequest.status_code.is_(None) & (
+            IdempotentRequest.created_at <= now - timedelta(seconds=IN_PROGRESS_LEASE_S)
+        )
         session.execute(
             delete(IdempotentRequest).where(
                 IdempotentRequest.tenant_id == request.tenant_id,
-                IdempotentRequest.expires_at <= now,
+                (IdempotentRequest.expires_at <= now) | abandoned,
             )
         )
         row = session.scalar(

@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from app import db
 from app.auth import create_key
 from app.client import AsyncDistillClient, DistillClient
+from app.idempotency import IN_PROGRESS_LEASE_S
 from app.jobs import service
 from app.models import IdempotentRequest, KeyRole, utcnow
 from tests.helpers.api import job_body, npz_bytes, upload_teacher
@@ -220,6 +221,13 @@ def test_a_key_being_answered_is_a_409(client: TestClient, teacher_id: object) -
     other_body = job_body(teacher_id, training={"epochs": 1})
     reused = client.post("/v1/jobs", json=other_body, headers=keyed("busy"))
     assert (reused.status_code, problem_code(reused)) == (422, "idempotency_key_reused")
+    # Unanswered past the lease: its process died mid-request, and the key is free again.
+    began = utcnow() - timedelta(seconds=IN_PROGRESS_LEASE_S + 60)
+    with db.session_scope() as session:
+        session.execute(update(IdempotentRequest).values(created_at=began))
+    freed = client.post("/v1/jobs", json=job_body(teacher_id), headers=keyed("busy"))
+    assert freed.status_code == 202 and "idempotent-replayed" not in freed.headers
+    assert jobs_total(client) == 2
 
 
 def test_of_two_requests_at_once_with_a_new_key_one_does_the_work(
