@@ -16,7 +16,10 @@ MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+    # `DISTILL_QUOTA_QUEUED_JOBS=none` (any optional setting): unset, whatever its default.
+    model_config = SettingsConfigDict(
+        env_prefix="DISTILL_", extra="ignore", env_parse_none_str="none"
+    )
 
     home: Path = Path(".distill")
     database_url: str | None = None
@@ -140,7 +143,7 @@ class Settings(BaseSettings):
         default=100,
         ge=1,
         description="Jobs one tenant may have queued; beyond it a submission is a 429 "
-        "(`queued_jobs_quota`) with Retry-After. Unset: no limit.",
+        "(`queued_jobs_quota`) with Retry-After. `none`: no limit.",
     )
     quota_running_jobs: int | None = Field(
         default=None,

@@ -10,6 +10,7 @@ from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
+from app.models import Tenant
 from app.queue import send_pending
 
 
@@ -44,6 +45,18 @@ def lock_rows(session: Session, model: Any, ids: Iterable[str], *, exclusive: bo
     else:
         query = query.with_for_update(read=not exclusive, key_share=not exclusive)
     return set(session.scalars(query))
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise this tenant's submissions and claims until the transaction ends: on
+    PostgreSQL ``FOR NO KEY UPDATE`` on its row (the rows that reference it can still be
+    inserted); on SQLite the write lock, taken with a write that changes nothing."""
+    if session.get_bind().dialect.name == "sqlite":
+        lock_rows(session, Tenant, [tenant_id], exclusive=True)
+    else:
+        session.execute(
+            select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)
+        )
 
 
 def make_engine(url: str) -> Engine:

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.datastructures import UploadFile
 
 from app.auth import PrincipalDep
-from app.config import get_settings
+from app.config import MIB, get_settings
 from app.db import session_scope
 from app.dependencies import database_slot
 from app.errors import AppError, Conflict, InvalidInput
@@ -45,6 +45,8 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 # Headers of the first answer that describe its result, kept to be sent again with it.
 KEPT_HEADERS = ("location",)
 MAX_KEY_LENGTH = 255
+# The largest non-form body read for its fingerprint: the JSON routes take at most 1 MiB.
+MAX_READ_BYTES = MIB
 # A key still unanswered this long after its request began was left by a process that died while
 # answering (a request's work, an upload's checks or a Hub fetch included, takes far less): it is
 # free again, rather than a 409 until it expires.
@@ -99,7 +101,8 @@ async def fingerprint(request: Request) -> str:
     """SHA-256 of what the request asks, whatever its encoding: a form's fields (name, value)
     and files (name, filename, SHA-256 of the content), sorted, so neither the multipart
     boundary nor the parts' order counts; a JSON body parsed and written again with sorted keys
-    and no spaces, so neither whitespace nor key order counts; any other body as its bytes."""
+    and no spaces, so neither whitespace nor key order counts; any other body of at most
+    ``MAX_READ_BYTES`` as its bytes; a larger one is not read."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in FORM_TYPES:
         # The route's form, parsed (and cached on the request) before the dependencies run.
@@ -111,14 +114,24 @@ async def fingerprint(request: Request) -> str:
             else:
                 parts.append(["field", name, value])
         canonical = json.dumps(sorted(parts)).encode()
-    else:
+    elif _small(request):
         canonical = await request.body()
         try:
             parsed = json.loads(canonical)
             canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()
         except (ValueError, RecursionError):  # not JSON (the route refuses it): the bytes
             pass
+    else:
+        # A body no route here takes (a form route's JSON, a large or unsized one): not read,
+        # as the route does not read it either; the route's 4xx then frees the key.
+        canonical = f"unread {content_type}".encode()
     return hashlib.sha256(canonical).hexdigest()
+
+
+def _small(request: Request) -> bool:
+    """Whether the body is declared at most ``MAX_READ_BYTES`` long."""
+    length = request.headers.get("content-length", "")
+    return length.isdigit() and int(length) <= MAX_READ_BYTES
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import choose_encoder
@@ -30,7 +31,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from app.config import get_settings
 from app.db import get_engine
-from app.models import TERMINAL_STATUSES, Job, JobStatus, Tenant, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobPhase, JobStatus, Tenant, utcnow
 from app.tenancy import stored_bytes_queries
 
 log = logging.getLogger(__name__)
@@ -227,12 +228,11 @@ class JobsCollector(Collector):
                 )
                 .group_by(Job.status)
             ).all()
-            phases = connection.execute(
-                select(Job.phase_seconds).where(
-                    Job.status.in_(list(TERMINAL_STATUSES)), Job.phase_seconds.is_not(None)
-                )
-            ).scalars()
-            phase_durations = _phase_histograms(phases)
+            phase_row = connection.execute(
+                select(*(c for phase in PHASES for c in _histogram_columns(_phase_time(phase))))
+                .select_from(Job)
+                .where(Job.status.in_(list(TERMINAL_STATUSES)))
+            ).one()
             tenants = dict(connection.execute(select(Tenant.id, Tenant.name)).all())
             stored = {
                 kind: connection.execute(query).all()
@@ -279,26 +279,34 @@ class JobsCollector(Collector):
             "training, evaluating, exporting).",
             labels=["phase"],
         )
-        for phase, (cumulative, total) in sorted(phase_durations.items()):
-            bounded = zip(JOB_BUCKETS, cumulative[:-1], strict=True)
-            buckets = [(str(float(b)), c) for b, c in bounded]
-            by_phase.add_metric([phase], [*buckets, ("+Inf", cumulative[-1])], total)
+        width = len(JOB_BUCKETS) + 2
+        for i, phase in enumerate(PHASES):
+            count, total, *cumulative = phase_row[i * width : (i + 1) * width]
+            buckets = [
+                (str(float(b)), int(c or 0)) for b, c in zip(JOB_BUCKETS, cumulative, strict=True)
+            ]
+            by_phase.add_metric([phase], [*buckets, ("+Inf", int(count))], float(total))
         return [jobs, depth, age, histogram, by_phase, storage]
 
 
-def _phase_histograms(
-    rows: Iterable[dict[str, float] | None],
-) -> dict[str, tuple[list[int], float]]:
-    """Per phase, cumulative bucket counts (``JOB_BUCKETS``, then +Inf) and the sum, from jobs'
-    ``phase_seconds``."""
-    found: dict[str, tuple[list[int], float]] = {}
-    for row in rows:
-        for phase, seconds in (row or {}).items():
-            counts, total = found.get(phase, ([0] * (len(JOB_BUCKETS) + 1), 0.0))
-            for i, bound in enumerate((*JOB_BUCKETS, float("inf"))):
-                counts[i] += seconds <= bound
-            found[phase] = (counts, total + seconds)
-    return found
+# The phases a job spends time in (`queued` is the queue's age; `done` is the end).
+PHASES = [p for p in JobPhase if p not in (JobPhase.QUEUED, JobPhase.DONE)]
+
+
+def _phase_time(phase: JobPhase) -> ColumnElement[float]:
+    """A job's seconds in ``phase``, from its ``phase_seconds`` JSON (NULL if it has none)."""
+    seconds: ColumnElement[float] = Job.phase_seconds[phase.value].as_float()
+    return seconds
+
+
+def _histogram_columns(seconds: ColumnElement[float]) -> list[ColumnElement[Any]]:
+    """count, sum, then the cumulative count of each of ``JOB_BUCKETS``, over the rows where
+    ``seconds`` is not NULL."""
+    return [
+        func.count(seconds),
+        func.coalesce(func.sum(seconds), 0.0),
+        *(func.sum(case((seconds <= bound, 1), else_=0)) for bound in JOB_BUCKETS),
+    ]
 
 
 def render(accept: str | None) -> tuple[bytes, str]:

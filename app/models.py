@@ -188,8 +188,8 @@ class Job(Base):
     # What the preflight found (app.jobs.preflight.PreflightReport), warnings included.
     preflight: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    # When its message was last sent to the broker: a job queued long after it was sent has lost
-    # its message (worker.recovery sends it again).
+    # When it was last queued (submitted, or requeued after its worker died): the age of the
+    # queue in /metrics.
     enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]

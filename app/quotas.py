@@ -6,6 +6,7 @@ Running jobs are bounded where a worker claims its next job (``repository.claim_
 """
 
 import asyncio
+import logging
 import math
 import time
 from functools import lru_cache
@@ -20,13 +21,14 @@ from sqlalchemy.orm import Session
 
 from app.auth import PrincipalDep
 from app.config import Settings
-from app.db import lock_rows
+from app.db import lock_tenant
 from app.dependencies import SettingsDep
 from app.errors import InsufficientStorage, PayloadTooLarge, QuotaExceeded
-from app.models import Job, JobStatus, Tenant
+from app.models import Job, JobStatus
 from app.storage import ArtifactStore
 from app.tenancy import usage
 
+log = logging.getLogger(__name__)
 # A queue of jobs drains at the pace of jobs (minutes); a client that was refused one should not
 # poll faster than this.
 QUEUE_RETRY_AFTER_S = 60
@@ -34,8 +36,9 @@ PREDICT_POLICY = "predict"
 
 
 def check_queued_jobs(session: Session, tenant_id: str, settings: Settings) -> None:
-    """Before queueing one more of the tenant's jobs. The tenant's row is locked first, so
-    concurrent submissions count one another.
+    """Just before queueing one more of the tenant's jobs (late: the tenant stays locked until
+    the commit). The tenant is locked first (``lock_tenant``), so concurrent submissions count
+    one another.
 
     Raises:
         QuotaExceeded: 429 ``queued_jobs_quota``, with Retry-After.
@@ -43,7 +46,7 @@ def check_queued_jobs(session: Session, tenant_id: str, settings: Settings) -> N
     limit = settings.quota_queued_jobs
     if limit is None:
         return
-    lock_rows(session, Tenant, [tenant_id], exclusive=True)
+    lock_tenant(session, tenant_id)
     queued = session.scalar(
         select(func.count())
         .select_from(Job)
@@ -110,7 +113,8 @@ async def limit_predict_rate(principal: PrincipalDep, settings: SettingsDep) -> 
     """FastAPI dependency of the predict and inference routes: count the request against the
     tenant's ``DISTILL_QUOTA_PREDICT_RPS`` over a one-second sliding window. Returns the
     RateLimit and RateLimit-Policy fields (draft-ietf-httpapi-ratelimit-headers) for the
-    route's answer; none without a limit.
+    route's answer; none without a limit, or when the counter (Redis) cannot be reached: the
+    request is then let through, and logged.
 
     Raises:
         QuotaExceeded: 429 ``predict_rate_quota``, with Retry-After and the same fields.
@@ -120,8 +124,14 @@ async def limit_predict_rate(principal: PrincipalDep, settings: SettingsDep) -> 
         return {}
     item = RateLimitItemPerSecond(limit)
     limiter = _limiter(settings.broker_url or "memory://", asyncio.get_running_loop())
-    allowed = await limiter.hit(item, principal.tenant_id)
-    stats = await limiter.get_window_stats(item, principal.tenant_id)
+    try:
+        allowed = await limiter.hit(item, principal.tenant_id)
+        stats = await limiter.get_window_stats(item, principal.tenant_id)
+    except Exception:
+        # Redis unreachable: serving goes on uncounted (a quota protects the service, an
+        # outage of its counter should not stop it); the log says so.
+        log.exception("quota.predict_rate_unavailable")
+        return {}
     reset_s = max(1, math.ceil(stats.reset_time - time.time()))
     headers = {
         "RateLimit-Policy": f'"{PREDICT_POLICY}";q={limit};w=1',

@@ -5,8 +5,10 @@
 - each job runs in a fresh process of its own, which the pool process that claimed it watches
   (``worker.supervisor``): GPU memory is returned, no CUDA state crosses a fork, a job can be
   ended; pool processes never touch CUDA, and a message with nothing to run costs no process;
-- the periodic recovery task requeues jobs whose worker died and resends lost messages (see
-  worker/recovery.py);
+- a message names no job: it is a turn to claim the next job the database chooses (fair among
+  tenants: ``repository.claim_next``);
+- the periodic recovery task requeues jobs whose worker died and makes up lost messages (see
+  worker/recovery.py); an hourly task applies the artifact retention (worker/retention.py);
 - each job process takes its pool process's share of the CPU cores for torch's threads (see
   ``DISTILL_TORCH_THREADS``), not all of them each: oversubscribed threads spin and thrash.
 """

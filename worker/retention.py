@@ -4,7 +4,7 @@ serving its student answers 410 ``artifacts_expired``. Checkpoints need no sched
 removed as each job ends (``worker.pipeline``)."""
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 
@@ -14,20 +14,30 @@ from app.models import Artifact, Job, JobStatus, utcnow
 from app.storage import get_store, keys
 
 log = logging.getLogger(__name__)
-# Jobs handled per run: a first run over a large backlog is spread over several ticks.
+# Jobs per transaction: a first run over a large backlog holds no lock for long.
 BATCH = 500
 
 
 def expire_artifacts() -> list[str]:
     """Remove the student files of jobs that succeeded more than the retention period ago;
-    returns their ids. The rows change in one transaction, the files go once it commits."""
+    returns their ids. ``BATCH`` jobs per transaction, until none is left; each batch's files
+    go once it commits."""
     days = get_settings().artifact_retention_days
     if days is None:
         return []
     cutoff = utcnow() - timedelta(days=days)
+    expired: list[str] = []
+    while batch := _expire_batch(cutoff):
+        expired += batch
+    if expired:
+        log.info("jobs.artifacts_expired", extra={"jobs": len(expired), "days": days})
+    return expired
+
+
+def _expire_batch(cutoff: datetime) -> list[str]:
     store = get_store()
     with session_scope() as session:
-        expired = list(
+        batch = list(
             session.scalars(
                 select(Job.id)
                 .where(
@@ -38,14 +48,10 @@ def expire_artifacts() -> list[str]:
                 .limit(BATCH)
             )
         )
-        if not expired:
-            return []
-        session.execute(delete(Artifact).where(Artifact.job_id.in_(expired)))
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(expired), Job.artifacts_removed_at.is_(None))
-            .values(artifacts_removed_at=utcnow())
-        )
-        store.delete_after_commit(session, *(keys.artifacts(job_id) for job_id in expired))
-    log.info("jobs.artifacts_expired", extra={"jobs": len(expired), "days": days})
-    return expired
+        if batch:
+            session.execute(delete(Artifact).where(Artifact.job_id.in_(batch)))
+            session.execute(
+                update(Job).where(Job.id.in_(batch)).values(artifacts_removed_at=utcnow())
+            )
+            store.delete_after_commit(session, *(keys.artifacts(job_id) for job_id in batch))
+    return batch

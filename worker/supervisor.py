@@ -27,6 +27,7 @@ from app.logs import log_context
 from app.models import Job, JobStatus
 from app.queue import enqueue_after_commit
 from worker.pipeline import claim_next, finish
+from worker.recovery import top_up_messages
 
 log = logging.getLogger(__name__)
 ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
@@ -65,6 +66,9 @@ def run_next(torch_threads: int) -> None:
     job_id, attempt = claimed
     with log_context(job_id=job_id):
         run_isolated(job_id, attempt, torch_threads, settings)
+    # A slot is free: a job that waited for it (its tenant at DISTILL_QUOTA_RUNNING_JOBS) may
+    # have had its message spent meanwhile; send it one now rather than at the next tick.
+    top_up_messages()
 
 
 def run_isolated(job_id: str, attempt: int, torch_threads: int, settings: Settings) -> None:

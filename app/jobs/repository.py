@@ -160,6 +160,7 @@ def claim(session: Session, job_id: str, max_attempts: int) -> int | None:
             started_at=utcnow(),
             heartbeat_at=utcnow(),
             error=None,
+            phase_seconds=None,
         )
         .returning(Job.attempt)
     ).scalar_one_or_none()

@@ -217,13 +217,13 @@ def create_job(session: Session, tenant_id: str, spec: DistillationSpec) -> Job:
         InvalidSpec, PreflightFailed: 422.
     """
     settings = get_settings()
-    check_queued_jobs(session, tenant_id, settings)
     check_storage(session, get_store(), tenant_id, 0, settings)
     teacher_ids = [teacher_id for teacher_id, _ in spec.teacher_weights]
     lock_rows(session, Teacher, teacher_ids, exclusive=False)
     lock_rows(session, Dataset, [spec.dataset], exclusive=False)
     teachers, dataset = validate_spec(session, tenant_id, spec)
     report = submission_preflight(session, teachers, dataset)
+    check_queued_jobs(session, tenant_id, settings)
     job = repository.add_job(
         session,
         tenant_id=tenant_id,

@@ -4,9 +4,9 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
 from app.auth import PrincipalDep
-from app.config import MIB
+from app.config import MIB, Settings
 from app.dependencies import SessionDep, SettingsDep, StoreDep
-from app.errors import NotFound, problem_responses
+from app.errors import AppError, NotFound, problem_responses
 from app.ml.artifacts import FILENAMES, MEDIA_TYPES
 from app.ml.signature import TextPreprocessing
 from app.models import ArtifactFormat
@@ -63,8 +63,19 @@ async def predict(
     """Classify a batch with the job's student, on the serving engine (onnxruntime, requests
     to one student micro-batched together). A text student takes strings (or `[text,
     text_pair]` lists), tokenised with its tokenizer."""
+    response.headers.update(rate)
     try:
-        model = await service.resolve(principal.tenant_id, job_id)
+        return await _predict(principal.tenant_id, settings, job_id, body)
+    except AppError as e:  # its answer says where the rate stands too
+        e.headers.update(rate)
+        raise
+
+
+async def _predict(
+    tenant_id: str, settings: Settings, job_id: str, body: PredictRequest
+) -> PredictResponse:
+    try:
+        model = await service.resolve(tenant_id, job_id)
     except service.NoSuchJob as e:
         raise NotFound(f"No job with id {job_id}.") from e
     if model.job_id != job_id:  # an alias names the student in /v2, not the job here
@@ -85,7 +96,6 @@ async def predict(
     probabilities = softmax(logits)
     predictions = probabilities.argmax(axis=-1)
     classes = model.manifest.classes
-    response.headers.update(rate)
     return PredictResponse(
         predictions=predictions.tolist(),
         labels=[classes[i] for i in predictions],

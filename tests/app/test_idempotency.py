@@ -340,3 +340,14 @@ def test_the_clients_send_the_key(
     async_jobs = asyncio.run(submit_twice())
     assert async_jobs[0] == async_jobs[1]
     assert jobs_total(client) == 2
+
+
+def test_a_large_body_a_form_route_does_not_take_is_not_read(client: TestClient) -> None:
+    """A 2 MiB JSON body to an upload route, with a key: refused by the route (it takes a
+    form), the key left free, the body never read for a fingerprint."""
+    body = b'{"x": "' + b"a" * (2 << 20) + b'"}'
+    headers = {**keyed("json-upload"), "Content-Type": "application/json"}
+    refused = client.post("/v1/teachers", content=body, headers=headers)
+    assert refused.status_code == 422, refused.text
+    with db.session_scope() as session:
+        assert session.scalars(select(IdempotentRequest)).all() == []

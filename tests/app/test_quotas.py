@@ -53,6 +53,7 @@ def test_queued_jobs_beyond_the_quota_are_429_until_one_leaves_the_queue(
 def test_uploads_beyond_the_storage_quota_are_refused_and_nothing_is_kept(
     client: TestClient, digits_teacher: TeacherFiles, set_quota: SetQuota
 ) -> None:
+    assert client.delete("/v1/cache").status_code == 204  # earlier tests' entries count too
     size = digits_teacher.onnx.stat().st_size
     set_quota("storage_bytes", size - 1)
     with open(digits_teacher.onnx, "rb") as f:
@@ -120,3 +121,21 @@ def test_predict_requests_beyond_the_rate_are_429_on_both_protocols(
 
     time.sleep(2.1)  # the sliding window has moved past them
     assert client.post(f"/v1/jobs/{job_id}/predict", json={"inputs": sample}).status_code == 200
+
+
+def test_predicts_go_on_uncounted_when_the_counter_is_unreachable(
+    client: TestClient, digits_teacher: TeacherFiles, set_quota: SetQuota,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """With the rate's Redis down, serving is not: requests are let through, without the
+    RateLimit fields (and the failure is logged)."""
+    job_id = client.post(
+        "/v1/jobs", json=job_body(upload_teacher(client, digits_teacher)["id"])
+    ).json()["id"]
+    run_job(job_id)
+    monkeypatch.setenv("DISTILL_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    set_quota("predict_rps", 1)
+    sample = {"inputs": [[[[0.0] * 8] * 8]]}
+    answers = [client.post(f"/v1/jobs/{job_id}/predict", json=sample) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert all("RateLimit" not in a.headers for a in answers)

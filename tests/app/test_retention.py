@@ -19,6 +19,7 @@ from app.storage import get_store, keys
 from tests.helpers.api import job_body, npz_bytes, upload_teacher
 from tests.helpers.stacks import Stack
 from tests.helpers.teachers import TeacherFiles
+from worker import retention
 from worker.pipeline import run_job
 from worker.retention import expire_artifacts
 
@@ -148,25 +149,31 @@ def test_students_past_the_retention_period_are_removed_and_their_jobs_kept(
     client: TestClient, digits_teacher: TeacherFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     teacher = upload_teacher(client, digits_teacher)["id"]
-    old, recent = (client.post("/v1/jobs", json=job_body(teacher)).json()["id"] for _ in range(2))
-    run_job(old)
-    run_job(recent)
+    old, older, recent = (
+        client.post("/v1/jobs", json=job_body(teacher)).json()["id"] for _ in range(3)
+    )
+    for job_id in (old, older, recent):
+        run_job(job_id)
     assert client.put(f"/v1/jobs/{old}/alias", json={"alias": "aged"}).status_code == 200
-    with session_scope() as session:  # it finished 8 days ago
+    with session_scope() as session:  # they finished 8 days ago
         session.execute(
-            update(Job).where(Job.id == old).values(finished_at=utcnow() - timedelta(days=8))
+            update(Job)
+            .where(Job.id.in_([old, older]))
+            .values(finished_at=utcnow() - timedelta(days=8))
         )
     assert expire_artifacts() == []  # no retention set: kept
     monkeypatch.setenv("DISTILL_ARTIFACT_RETENTION_DAYS", "7")
+    monkeypatch.setattr(retention, "BATCH", 1)  # one run goes through every batch
     get_settings.cache_clear()
     try:
-        assert expire_artifacts() == [old]
+        assert sorted(expire_artifacts()) == sorted([old, older])
         assert expire_artifacts() == []
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
 
-    assert not files_under(keys.artifacts(old)) and files_under(keys.artifacts(recent))
+    assert not files_under(keys.artifacts(old)) and not files_under(keys.artifacts(older))
+    assert files_under(keys.artifacts(recent))
     job = client.get(f"/v1/jobs/{old}").json()
     assert job["status"] == "succeeded" and job["artifacts_removed_at"] is not None
     assert job["result"]["student_accuracy"] > 0 and client.get(f"/v1/jobs/{old}/metrics").json()

@@ -2,8 +2,10 @@
 (``repository.claim_next``), the running-jobs quota, and the broker kept holding a message per
 job that could run (``recovery.top_up_messages``)."""
 
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -142,3 +144,21 @@ def test_lost_messages_are_made_up_once(client: TestClient, teacher_id: str) -> 
     assert queue_depth() == 2
     assert top_up_messages() == 0
     purge()
+
+
+def test_racing_workers_never_pass_the_running_jobs_quota(
+    teacher_id: str, settings: Settings
+) -> None:
+    """Six workers claiming at once, one tenant with a quota of 2 running jobs: two claims."""
+    limited = settings.model_copy(update={"quota_running_jobs": 2})
+    tenant = new_tenant()
+    queue_jobs(tenant, teacher_id, 6)
+    start = threading.Barrier(6)
+
+    def claim() -> str | None:
+        start.wait()
+        return next_job(limited)
+
+    with ThreadPoolExecutor(6) as pool:
+        claimed = [job for job in pool.map(lambda _: claim(), range(6)) if job is not None]
+    assert len(claimed) == len(set(claimed)) == 2
