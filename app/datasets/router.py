@@ -5,6 +5,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from app.auth import PrincipalDep
 from app.config import Settings
 from app.datasets import service
+from app.datasets.images import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, parse_image_size
 from app.datasets.npz import parse_classes
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.dependencies import SessionDep, SettingsDep, StoreDep
@@ -35,7 +36,10 @@ def upload_dataset(
     file: Annotated[
         UploadFile,
         File(
-            description="`.npz` arrays, or text records: `.csv`, `.tsv` (GLUE's: no quoting), "
+            description="`.npz` arrays; an image-folder archive (`.zip`, `.tar`, `.tar.gz`, "
+            "`.tgz`: `<class>/<image>`, `train/` and `test/` folders of those, or a "
+            "`labels.csv` of `file,label`; PNG, JPEG or WebP); or text records: `.csv`, `.tsv` "
+            "(GLUE's: no quoting), "
             "`.jsonl`/`.ndjson` or `.parquet`, in UTF-8. A text file's test split is a `split` "
             "column (`train`; `test`, `dev` or `validation`), or `test_file`, else 20% held "
             "out at a fixed seed. Refusals name records by number: the first record (the row "
@@ -82,12 +86,22 @@ def upload_dataset(
             "transfer set, which needs a labelled test split).",
         ),
     ] = None,
+    image_size: Annotated[
+        str | None,
+        Form(
+            max_length=32,
+            description="Images only: resize every image (bicubic, no crop) to this size in "
+            f"pixels, `64` or width x height `64x48`, each side {MIN_IMAGE_SIDE} to "
+            f"{MAX_IMAGE_SIDE}. Without it every image must have the same size.",
+        ),
+    ] = None,
 ) -> DatasetOut | Response:
-    """Upload a dataset: `.npz` arrays (`x`, `y`, optionally `x_test`, `y_test`), or text
-    records (CSV, TSV, JSON lines or Parquet)."""
+    """Upload a dataset: `.npz` arrays (`x`, `y`, optionally `x_test`, `y_test`), an
+    image-folder archive, or text records (CSV, TSV, JSON lines or Parquet)."""
     if idempotency.replay is not None:
         return idempotency.replay
     names = None if classes is None else parse_classes(classes)
+    size = None if image_size is None else parse_image_size(image_size)
     dataset = service.upload_dataset(
         session,
         tenant_id=principal.tenant_id,
@@ -101,6 +115,7 @@ def upload_dataset(
         text_column=text_column,
         text_pair_column=text_pair_column,
         label_column=label_column,
+        image_size=size,
         max_bytes=settings.max_dataset_bytes,
         decoding_budget=decoding_budget(settings),
     )

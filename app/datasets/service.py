@@ -1,4 +1,6 @@
 import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -9,6 +11,12 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.datasets.arrays import InputStats, input_stats
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset
+from app.datasets.images import (
+    IMAGE_ARCHIVE_SUFFIXES,
+    is_image_archive,
+    read_image_archive,
+    write_image_npz,
+)
 from app.datasets.npz import check_labels, holdout_test_size, read_dataset_npz
 from app.datasets.schemas import DatasetOut
 from app.datasets.text import (
@@ -120,19 +128,29 @@ def upload_dataset(
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str | None = None,
+    image_size: tuple[int, int] | None = None,
     max_bytes: int,
     decoding_budget: int,
 ) -> Dataset:
     """Receive an upload (each file up to ``max_bytes``), check it fully and keep it: ``.npz``
-    arrays (``create_dataset``) or text records (``create_text_dataset``), by the file name's
-    suffix. The text options (``test_file``, the columns) are refused for ``.npz``.
+    arrays (``create_dataset``), an image-folder archive (``create_image_dataset``: ``.zip``,
+    ``.tar``, ``.tar.gz``, ``.tgz``) or text records (``create_text_dataset``), by the file
+    name's suffix. The text options (``test_file``, the columns) are refused for arrays and
+    images, ``image_size`` (width, height) for all but images.
 
     Raises:
         UnsupportedFormat: 415, a file named with another suffix.
         PayloadTooLarge: 413, a file over ``max_bytes``.
         InvalidDataset: 422, the upload (or a form field) at fault.
     """
-    if Path(filename).suffix.lower() == NPZ:
+    images = is_image_archive(filename)
+    if image_size is not None and not images:
+        raise InvalidDataset(
+            "`image_size` resizes the images of an image-folder archive (a file named "
+            f"{', '.join(f'*{s}' for s in IMAGE_ARCHIVE_SUFFIXES)}).",
+            field="image_size",
+        )
+    if images or Path(filename).suffix.lower() == NPZ:
         options = {
             "test_file": test_file,
             "text_column": text_column,
@@ -142,11 +160,28 @@ def upload_dataset(
         for field, value in options.items():
             if value is not None:
                 raise InvalidDataset(
-                    f"`{field}` is for text datasets; an .npz brings its test split as "
-                    "`x_test`, `y_test`, and has no columns.",
+                    f"`{field}` is for text datasets; "
+                    + (
+                        "an image archive brings its test split as `test/` folders, and has "
+                        "no columns."
+                        if images
+                        else "an .npz brings its test split as `x_test`, `y_test`, and has no "
+                        "columns."
+                    ),
                     field=field,
                 )
         upload = store.receive(file, max_bytes=max_bytes)
+        if images:
+            return create_image_dataset(
+                session,
+                tenant_id=tenant_id,
+                store=store,
+                upload=upload,
+                max_bytes=decoding_budget,
+                name=name,
+                classes=classes,
+                image_size=image_size,
+            )
         return create_dataset(
             session,
             tenant_id=tenant_id,
@@ -161,7 +196,11 @@ def upload_dataset(
             raise UnsupportedFormat(
                 f"`{given}` is not a format Distill reads: upload a file named "
                 f"{', '.join(f'*{s}' for s in (NPZ, *TEXT_FORMATS))}"
-                + (" (text only, as the test file)." if field == "test_file" else "."),
+                + (
+                    " (text only, as the test file)."
+                    if field == "test_file"
+                    else f", or an image archive ({', '.join(IMAGE_ARCHIVE_SUFFIXES)})."
+                ),
                 field=field,
             )
     upload = store.receive(file, max_bytes=max_bytes)
@@ -182,6 +221,63 @@ def upload_dataset(
         label_column=label_column,
         max_bytes=decoding_budget,
     )
+
+
+def create_image_dataset(
+    session: Session,
+    *,
+    tenant_id: str,
+    store: ArtifactStore,
+    upload: StoredFile,
+    max_bytes: int,
+    name: str,
+    classes: list[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> Dataset:
+    """Decode the staged image archive (``read_image_archive``: uint8 ``[N, 3, H, W]``, within
+    ``max_bytes``), stage the arrays as an ``.npz`` in place of the archive and keep that as an
+    ``.npz`` upload is kept (``create_dataset``), with the class names. The archive is removed
+    whatever happens; the ``.npz`` if it is refused, or if the transaction rolls back.
+
+    Raises:
+        InvalidDataset: 422, with the refusal's own code (``read_image_archive``).
+    """
+    with store.holding(upload):
+        staged, names = _stage_images(store, upload, max_bytes, classes, image_size)
+    upload.path.unlink()
+    return create_dataset(
+        session,
+        tenant_id=tenant_id,
+        store=store,
+        upload=staged,
+        max_bytes=max_bytes,
+        name=name,
+        classes=names,
+    )
+
+
+def _stage_images(
+    store: ArtifactStore,
+    upload: StoredFile,
+    max_bytes: int,
+    classes: list[str] | None,
+    image_size: tuple[int, int] | None,
+) -> tuple[StoredFile, list[str]]:
+    """The archive's images decoded and staged as an ``.npz``, and their class names. The
+    arrays are freed on return: the ``.npz`` check reads them again, within the same budget."""
+    images = read_image_archive(
+        upload.path, image_size=image_size, classes=classes, max_bytes=max_bytes
+    )
+    store.staging.mkdir(parents=True, exist_ok=True)
+    fd, staged = tempfile.mkstemp(dir=store.staging, suffix=NPZ)
+    path = Path(staged)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write_image_npz(images, out)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return StoredFile(path, sha256_file(path), path.stat().st_size), images.classes
 
 
 def create_dataset(
