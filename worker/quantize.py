@@ -6,14 +6,13 @@ graph is pre-processed first (``quant_pre_process``: shape inference and graph o
 then **dynamic** quantisation (weights int8 ahead of time, activations scaled per batch at run
 time) for families made of matrix products, and **static** quantisation (activation ranges fixed
 by calibration on validation samples, QDQ format, per-channel weights) for convnets, which the
-guide recommends for CNNs. Which family gets which is ``METHODS``.
+guide recommends for CNNs. Each student family says which (``StudentFamily.int8``).
 """
 
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -30,19 +29,9 @@ from onnxruntime.quantization import (
 
 from app.ml.onnx_io import onnx_input, onnx_latency_ms
 from app.ml.signature import ModelSignature
+from app.ml.students.base import QuantMethod
 from app.ml.teacher_formats.base import ModelInputs
 from app.ml.text import TokenizedInputs, is_text
-
-QuantMethod = Literal["dynamic", "static"]
-
-# By student family (``app.ml.students.family_of(spec).name``); a family missing here is not
-# quantised (the job says so in its warnings).
-METHODS: dict[str, QuantMethod] = {
-    "mlp": "dynamic",
-    "cnn": "static",
-    "transformer": "dynamic",
-    "text_cnn": "dynamic",
-}
 
 CALIBRATION_SAMPLES = 512  # at most; onnxruntime's examples calibrate on a few hundred
 CALIBRATION_BATCH = 32
@@ -59,14 +48,6 @@ class Int8Figures:
     latency_ms: float
     size_bytes: int
     speedup: float  # float32 student latency / int8 student latency
-
-
-def method_for(family: str) -> QuantMethod:
-    """The quantisation a student family gets. Raises ``ValueError`` for a family without one."""
-    try:
-        return METHODS[family]
-    except KeyError:
-        raise ValueError(f"no int8 quantisation is defined for `{family}` students") from None
 
 
 class ArrayCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
@@ -205,20 +186,20 @@ def onnx_predictions(path: Path, x: ModelInputs) -> np.ndarray:
 def int8_student(
     float_path: Path,
     int8_path: Path,
-    family: str,
+    method: QuantMethod,
     signature: ModelSignature,
     calibration: ModelInputs,
     test_x: ModelInputs,
     test_labels: np.ndarray,
     float_latency_ms: float,
 ) -> Int8Figures:
-    """Quantise the float32 student at ``float_path`` to ``int8_path`` by its family's method
-    (calibrated on at most ``CALIBRATION_SAMPLES`` of ``calibration``), then measure it on the
-    test split and time it as the float32 student is timed (``onnx_latency_ms``).
+    """Quantise the float32 student at ``float_path`` to ``int8_path`` by ``method`` (its
+    family's ``StudentFamily.int8``; static: calibrated on at most ``CALIBRATION_SAMPLES`` of
+    ``calibration``), then measure it on the test split and time it as the float32 student is
+    timed (``onnx_latency_ms``).
 
     Raises whatever quantisation raises; ``int8_path`` may then hold a partial file.
     """
-    method = method_for(family)
     quantize_student(
         float_path,
         int8_path,

@@ -580,7 +580,7 @@ class DistillationRecipe:
             figures = int8_student(
                 float_path,
                 path,
-                family_of(self.spec.student).name,
+                family_of(self.spec.student).int8,
                 self.student_signature,
                 calibration=model_inputs(self.val_split),
                 test_x=model_inputs(self.test_split),

@@ -14,12 +14,14 @@ from app.ml.signature import ModelSignature, TextPreprocessing
 from app.ml.students.base import Standardize, StudentFamily, StudentSpecBase
 from app.ml.students.cnn import CNN, CnnSpec
 from app.ml.students.mlp import MLP, MlpSpec
+from app.ml.students.mobilenet import MOBILENET_V2, MobilenetV2Spec
+from app.ml.students.resnet import RESNET, ResnetSpec
 from app.ml.students.text_cnn import TEXT_CNN, TextCnnSpec
 from app.ml.students.transformer import TRANSFORMER, TransformerSpec
 from app.ml.text import TOKEN_TYPE_IDS, is_text, text_model_signature
 
 FAMILIES: dict[str, StudentFamily[Any]] = {
-    family.name: family for family in (MLP, CNN, TRANSFORMER, TEXT_CNN)
+    family.name: family for family in (MLP, CNN, TRANSFORMER, TEXT_CNN, RESNET, MOBILENET_V2)
 }
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ __all__ = [
     "FAMILIES",
     "CnnSpec",
     "MlpSpec",
+    "MobilenetV2Spec",
+    "ResnetSpec",
     "Standardize",
     "StudentFamily",
     "StudentSpec",

@@ -23,12 +23,16 @@ class StudentSpecBase(BaseModel):
 
 SpecT = TypeVar("SpecT", bound=StudentSpecBase)
 MemoryFormat = Literal["contiguous", "channels_last"]
+# onnxruntime's int8 quantisation for the exported student: dynamic (weights ahead of time,
+# activations per batch) for matrix products, static (calibrated activations) for convnets.
+QuantMethod = Literal["dynamic", "static"]
 
 
 @dataclass(frozen=True)
 class StudentFamily(Generic[SpecT]):
     """One architecture family: its spec type, how to build it for a signature, which
-    signatures it accepts, and the memory format it trains fastest in.
+    signatures it accepts, how its int8 student is quantised (``worker.quantize``), and the
+    memory format it trains fastest in.
 
     ``accepts`` returns None when the family can take the signature, else the reason it cannot.
     ``resolve`` (families built from their teacher: text students) settles at submission what
@@ -41,6 +45,7 @@ class StudentFamily(Generic[SpecT]):
     spec: type[SpecT]
     build: Callable[[SpecT, ModelSignature], nn.Module]
     accepts: Callable[[ModelSignature], str | None]
+    int8: QuantMethod
     memory_format: MemoryFormat = "contiguous"
     resolve: Callable[[SpecT, dict[str, Any] | None], SpecT] | None = None
 
@@ -63,6 +68,18 @@ def one_float_tensor(signature: ModelSignature, rank: int | None = None) -> str 
     if rank is not None and len(shape) != rank:
         return f"it needs inputs of {rank} dimensions; got {list(shape)}"
     return None
+
+
+def accepts_images(family: str) -> Callable[[ModelSignature], str | None]:
+    """The ``accepts`` of a family of image students: one FP32 input ``[C, H, W]``."""
+
+    def accepts(signature: ModelSignature) -> str | None:
+        reason = one_float_tensor(signature, rank=3)
+        if reason is None:
+            return None
+        return f"{reason}: a {family} student needs image inputs [C, H, W]"
+
+    return accepts
 
 
 class Standardize(nn.Module):

@@ -11,8 +11,8 @@ from app.ml.students.base import (
     StudentFamily,
     StudentSpecBase,
     Width,
+    accepts_images,
     classifier_head,
-    one_float_tensor,
 )
 
 
@@ -52,11 +52,11 @@ def build(spec: CnnSpec, signature: ModelSignature) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), *head)
 
 
-def accepts(signature: ModelSignature) -> str | None:
-    reason = one_float_tensor(signature, rank=3)
-    return None if reason is None else f"{reason}: a cnn student needs image inputs [C, H, W]"
-
-
 CNN = StudentFamily(
-    name="cnn", spec=CnnSpec, build=build, accepts=accepts, memory_format="channels_last"
+    name="cnn",
+    spec=CnnSpec,
+    build=build,
+    accepts=accepts_images("cnn"),
+    int8="static",
+    memory_format="channels_last",
 )

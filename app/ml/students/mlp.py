@@ -34,4 +34,4 @@ def build(spec: MlpSpec, signature: ModelSignature) -> nn.Module:
     )
 
 
-MLP = StudentFamily(name="mlp", spec=MlpSpec, build=build, accepts=one_float_tensor)
+MLP = StudentFamily(name="mlp", spec=MlpSpec, build=build, accepts=one_float_tensor, int8="dynamic")

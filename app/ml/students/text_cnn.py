@@ -125,5 +125,5 @@ def resolve(spec: TextCnnSpec, teacher_config: dict[str, Any] | None) -> TextCnn
 
 
 TEXT_CNN = StudentFamily(
-    name="text_cnn", spec=TextCnnSpec, build=build, accepts=accepts, resolve=resolve
+    name="text_cnn", spec=TextCnnSpec, build=build, accepts=accepts, int8="dynamic", resolve=resolve
 )

@@ -211,5 +211,10 @@ def resolve(spec: TransformerSpec, teacher_config: dict[str, Any] | None) -> Tra
 
 
 TRANSFORMER = StudentFamily(
-    name="transformer", spec=TransformerSpec, build=build, accepts=accepts, resolve=resolve
+    name="transformer",
+    spec=TransformerSpec,
+    build=build,
+    accepts=accepts,
+    int8="dynamic",
+    resolve=resolve,
 )
