@@ -74,8 +74,8 @@ def load_dataset(ref: str) -> DatasetArrays | TextRecords:
         if dataset is None:
             raise JobFailure("dataset_missing", f"Dataset {ref} no longer exists.")
         key = dataset.storage_key
-        classes = ModelSignature.model_validate(dataset.signature).scores.classes
-    return load_uploaded(get_store().path(key), classes)
+        signature = ModelSignature.model_validate(dataset.signature)
+    return load_uploaded(get_store().path(key), signature.scores.classes, signature.preprocessing)
 
 
 def read_job(

@@ -16,7 +16,9 @@ suffix); Pillow is never asked to try its other formats. Each is converted to RG
 transparency composited on white; 16-bit grey scaled to 8 bits) and, with ``image_size``,
 resized (bicubic, no crop). Nothing is decoded before every image's header has been read: the
 layout, the formats, each image's pixel count (``MAX_IMAGE_PIXELS``: decompression bombs), the
-sizes and the memory the arrays will take are checked first.
+sizes and the memory the arrays will take are checked first. The dataset's signature declares
+``ARCHIVE_PREPROCESSING``: the stored values are the pixels themselves. ``probe_image`` and
+``decode_image`` read one image with the same checks (``/predict``'s encoded images too).
 
 Refusals are 422 ``InvalidDataset`` problems with ``field="file"``, a ``code`` and, where one
 file is at fault, ``member``: its path inside the archive (never a server path). Codes:
@@ -36,7 +38,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from app.datasets.npz import MIN_SAMPLES
 from app.errors import InvalidDataset, InvalidModel, unstorable_character
 from app.ml.archives import extract_archive
+from app.ml.signature import ImagePreprocessing
 
 IMAGE_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # Pillow format names, as ``Image.open(...).format`` gives them.
@@ -73,6 +76,8 @@ _SIGNATURES = {
 }
 _FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 _ALLOWED = "PNG, JPEG or WebP"
+# What an archive's stored values are: RGB pixels as they are (value = pixel * 1.0).
+ARCHIVE_PREPROCESSING = ImagePreprocessing(scale=1.0, channel_order="RGB")
 
 
 @dataclass(frozen=True)
@@ -349,44 +354,56 @@ def _labelled_images(root: Path, base: PurePosixPath, inside: list[PurePosixPath
     ]
 
 
-def _sniffed(path: Path) -> str | None:
+def _sniffed(head: bytes) -> str | None:
     """The image format a file's first bytes announce, if one is known here."""
-    with open(path, "rb") as f:
-        head = f.read(12)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
     return next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
 
 
-def _not_an_image(image: _Image) -> InvalidDataset:
-    kind = _sniffed(image.path)
+class ImageRefused(Exception):
+    """An image not read: ``code`` is ``not_an_image``, ``corrupt_image`` or
+    ``image_too_large``; ``message`` words it for any image's name."""
+
+    def __init__(self, code: str, why: str) -> None:
+        super().__init__(why)
+        self.code, self.why = code, why
+
+    def message(self, name: str) -> str:
+        """The refusal as a sentence about the image called ``name`` (quoted as the caller
+        likes: a member's path, a request's field)."""
+        if self.code == "not_an_image":
+            return (
+                f"The file {name} is {self.why}: images must be {_ALLOWED} (told by their "
+                "content, not their names)."
+            )
+        if self.code == "corrupt_image":
+            return f"The image {name} is corrupt or truncated ({self.why})."
+        return (
+            f"The image {name} declares more than {MAX_IMAGE_PIXELS:,} pixels{self.why}; it was "
+            "not decoded (a decompression bomb?)."
+        )
+
+
+ImageSource = Path | IO[bytes]
+
+
+def _not_an_image(source: ImageSource) -> ImageRefused:
+    """The refusal of what Pillow did not identify, naming a known foreign format."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(12)
+    else:
+        source.seek(0)
+        head = source.read(12)
+    kind = _sniffed(head)
     if kind in _FORMAT_NAMES.values():  # the signature of a format read, not its content
-        return _corrupt(image, f"its {kind} header is unreadable")
-    what = f"a {kind} image" if kind else "not an image"
-    return _refusal(
-        f"The file {image.member!r} is {what}: images must be {_ALLOWED} (told by their "
-        "content, not their names).",
-        "not_an_image",
-        image.member,
-    )
+        return ImageRefused("corrupt_image", f"its {kind} header is unreadable")
+    return ImageRefused("not_an_image", f"a {kind} image" if kind else "not an image")
 
 
-def _corrupt(image: _Image, why: str) -> InvalidDataset:
-    return _refusal(
-        f"The image {image.member!r} is corrupt or truncated ({why}).",
-        "corrupt_image",
-        image.member,
-    )
-
-
-def _too_large(image: _Image, size: tuple[int, int] | None) -> InvalidDataset:
-    declared = "" if size is None else f" ({size[0]}x{size[1]} pixels)"
-    return _refusal(
-        f"The image {image.member!r} declares more than {MAX_IMAGE_PIXELS:,} pixels{declared}; "
-        "it was not decoded (a decompression bomb?).",
-        "image_too_large",
-        image.member,
-    )
+def _too_large(size: tuple[int, int] | None) -> ImageRefused:
+    return ImageRefused("image_too_large", "" if size is None else f" ({size[0]}x{size[1]} pixels)")
 
 
 def _pixel_limit() -> int:
@@ -396,28 +413,73 @@ def _pixel_limit() -> int:
     return MAX_IMAGE_PIXELS if pillow is None else min(MAX_IMAGE_PIXELS, int(pillow))
 
 
-def _probe(image: _Image) -> _Image:
-    """``image`` with the size its header declares, read without decoding the pixels.
+def probe_image(source: ImageSource) -> tuple[int, int]:
+    """The size (width, height) an image's header declares, read without decoding the pixels;
+    PNG, JPEG or WebP by content only, within the pixel limit (``MAX_IMAGE_PIXELS``, or
+    Pillow's if lower). A stream is read from its start (as Pillow reads it) and rewound.
 
     Raises:
-        InvalidDataset: ``not_an_image``, ``corrupt_image`` (an allowed format's signature
-            with an unreadable header), ``image_too_large``.
+        ImageRefused: ``not_an_image``, ``corrupt_image`` (an allowed format's signature with
+            an unreadable header), ``image_too_large``.
     """
     try:
-        with Image.open(image.path, formats=IMAGE_FORMATS) as opened:
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
             width, height = opened.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow's own limit (its warning is an error where warnings are made errors)
-        raise _too_large(image, None) from e
+        raise _too_large(None) from e
     except UnidentifiedImageError as e:
-        raise _not_an_image(image) from e
+        raise _not_an_image(source) from e
     except MemoryError:
         raise
     except Exception as e:  # a hostile header may fail in any way: it is the file's fault
-        raise _corrupt(image, _reason(e)) from e
+        raise ImageRefused("corrupt_image", _reason(e)) from e
+    finally:
+        if not isinstance(source, Path):
+            source.seek(0)
     if width * height > _pixel_limit():
-        raise _too_large(image, (width, height))
-    return _Image(image.path, image.member, image.label, image.test, (width, height))
+        raise _too_large((width, height))
+    return width, height
+
+
+def decode_image(
+    source: ImageSource, size: tuple[int, int], mode: Literal["RGB", "L"] = "RGB"
+) -> np.ndarray:
+    """One image (``probe_image`` first: this decodes) as uint8 ``[H, W, 3]`` RGB or
+    ``[H, W]`` grey (``mode`` ``L``, from RGB by ITU-R 601-2 luma) at ``size`` (width, height):
+    made RGB as ``_to_rgb`` does, then resized (bicubic, no crop) if its size differs.
+
+    Raises:
+        ImageRefused: ``corrupt_image``; ``image_too_large`` for Pillow's own limit.
+    """
+    try:
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
+            opened.load()
+            converted = _to_rgb(opened)
+        if mode == "L":
+            converted = converted.convert("L")
+        if converted.size != size:
+            converted = converted.resize(size, Image.Resampling.BICUBIC)
+        return np.asarray(converted, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _too_large(None) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated data, a bad checksum...: the file's fault
+        raise ImageRefused("corrupt_image", _reason(e)) from e
+
+
+def _probe(image: _Image) -> _Image:
+    """``image`` with the size its header declares (``probe_image``).
+
+    Raises:
+        InvalidDataset: ``not_an_image``, ``corrupt_image``, ``image_too_large``.
+    """
+    try:
+        size = probe_image(image.path)
+    except ImageRefused as e:
+        raise _refusal(e.message(repr(image.member)), e.code, image.member) from e
+    return _Image(image.path, image.member, image.label, image.test, size)
 
 
 def _check_counts(train: list[_Image], test: list[_Image]) -> None:
@@ -465,24 +527,15 @@ def _decode_all(
 
 
 def _decode(image: _Image, size: tuple[int, int]) -> np.ndarray:
-    """One image as uint8 RGB ``[H, W, 3]`` at ``size`` (width, height).
+    """One image as uint8 RGB ``[H, W, 3]`` at ``size`` (width, height): ``decode_image``.
 
     Raises:
         InvalidDataset: ``corrupt_image``; ``image_too_large`` for Pillow's own limit.
     """
     try:
-        with Image.open(image.path, formats=IMAGE_FORMATS) as opened:
-            opened.load()
-            rgb = _to_rgb(opened)
-        if rgb.size != size:
-            rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _too_large(image, None) from e
-    except MemoryError:
-        raise
-    except Exception as e:  # truncated data, a bad checksum...: the file's fault
-        raise _corrupt(image, _reason(e)) from e
+        return decode_image(image.path, size)
+    except ImageRefused as e:
+        raise _refusal(e.message(repr(image.member)), e.code, image.member) from e
 
 
 def _reason(error: Exception) -> str:

@@ -8,6 +8,7 @@ from app.datasets.builtins import BUILTIN_DATASETS
 from app.datasets.npz import holdout_split, read_dataset_npz
 from app.datasets.text import TextRecords, read_records
 from app.errors import InvalidDataset
+from app.ml.signature import AnyPreprocessing, RawTensors
 
 
 def load_builtin(ref: str) -> DatasetArrays:
@@ -19,9 +20,12 @@ def load_builtin(ref: str) -> DatasetArrays:
     return BUILTIN_DATASETS[ref].load()
 
 
-def load_uploaded(path: Path, classes: list[str] | None = None) -> DatasetArrays | TextRecords:
+def load_uploaded(
+    path: Path, classes: list[str] | None = None, preprocessing: AnyPreprocessing | None = None
+) -> DatasetArrays | TextRecords:
     """Load an uploaded dataset as stored: ``.npz`` arrays, or text records (``.parquet``,
-    ``read_records``); ``classes`` names the label values (default: "0", "1"...).
+    ``read_records``); ``classes`` names the label values (default: "0", "1"...);
+    ``preprocessing`` is the dataset signature's (an image archive's pixels), default raw.
 
     Raises:
         InvalidDataset: a label has no name in ``classes``.
@@ -29,6 +33,7 @@ def load_uploaded(path: Path, classes: list[str] | None = None) -> DatasetArrays
     if path.suffix == ".parquet":
         return read_records(path, classes)
     data = read_dataset_npz(path)
+    made = preprocessing or RawTensors()
     if classes is None:
         classes = [str(i) for i in range(data.num_classes)]
     elif data.num_classes > len(classes):
@@ -36,6 +41,6 @@ def load_uploaded(path: Path, classes: list[str] | None = None) -> DatasetArrays
             f"{len(classes)} class names for labels up to {data.num_classes - 1}.", field="classes"
         )
     if data.x_test is not None and data.y_test is not None:
-        return DatasetArrays(data.x, data.y, data.x_test, data.y_test, classes)
+        return DatasetArrays(data.x, data.y, data.x_test, data.y_test, classes, made)
     assert data.y is not None  # an unlabelled upload always brings its test split
-    return DatasetArrays(*holdout_split(data.x, data.y), classes)
+    return DatasetArrays(*holdout_split(data.x, data.y), classes, made)

@@ -12,6 +12,7 @@ from app.config import get_settings
 from app.datasets.arrays import InputStats, input_stats
 from app.datasets.builtins import BUILTIN_DATASETS, BuiltinDataset
 from app.datasets.images import (
+    ARCHIVE_PREPROCESSING,
     IMAGE_ARCHIVE_SUFFIXES,
     is_image_archive,
     read_image_archive,
@@ -38,7 +39,7 @@ from app.errors import (
     NotFound,
     UnsupportedFormat,
 )
-from app.ml.signature import ModelSignature
+from app.ml.signature import AnyPreprocessing, ModelSignature
 from app.models import TERMINAL_STATUSES, Dataset, Job
 from app.quotas import check_storage
 from app.storage import ArtifactStore, StoredFile, keys, remove_on_rollback, sha256_file
@@ -236,7 +237,8 @@ def create_image_dataset(
 ) -> Dataset:
     """Decode the staged image archive (``read_image_archive``: uint8 ``[N, 3, H, W]``, within
     ``max_bytes``), stage the arrays as an ``.npz`` in place of the archive and keep that as an
-    ``.npz`` upload is kept (``create_dataset``), with the class names. The archive is removed
+    ``.npz`` upload is kept (``create_dataset``), with the class names and a signature declaring
+    the values pixels (``ARCHIVE_PREPROCESSING``). The archive is removed
     whatever happens; the ``.npz`` if it is refused, or if the transaction rolls back.
 
     Raises:
@@ -253,6 +255,7 @@ def create_image_dataset(
         max_bytes=max_bytes,
         name=name,
         classes=names,
+        preprocessing=ARCHIVE_PREPROCESSING,
     )
 
 
@@ -289,12 +292,14 @@ def create_dataset(
     max_bytes: int,
     name: str,
     classes: list[str] | None = None,
+    preprocessing: AnyPreprocessing | None = None,
 ) -> Dataset:
     """Check the staged ``.npz`` fully (shapes, dtypes, labels, NaN) before keeping it. The
     staged file is removed if this fails for any reason, and the kept one if the request's
     transaction rolls back.
 
     ``classes`` names the label values (``parse_classes``); without it labels must start at 0.
+    ``preprocessing`` says how the values were made (default: raw tensors, as uploaded).
     """
     with store.holding(upload):
         check_storage(session, store, tenant_id, upload.size_bytes, get_settings())
@@ -315,6 +320,7 @@ def create_dataset(
                 data.input_shape,
                 data.num_classes if classes is None else len(classes),
                 classes=classes,
+                preprocessing=preprocessing,
             ).model_dump(mode="json"),
             train_size=train_size,
             test_size=test_size,

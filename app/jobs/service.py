@@ -174,7 +174,11 @@ def submission_preflight(
     data = (
         load_builtin(dataset.ref)
         if upload is None
-        else load_uploaded(store.path(upload.storage_key), dataset.signature.scores.classes)
+        else load_uploaded(
+            store.path(upload.storage_key),
+            dataset.signature.scores.classes,
+            dataset.signature.preprocessing,
+        )
     )
     checked = []
     for teacher in teachers:

@@ -62,7 +62,8 @@ async def predict(
 ) -> PredictResponse:
     """Classify a batch with the job's student, on the serving engine (onnxruntime, requests
     to one student micro-batched together). A text student takes strings (or `[text,
-    text_pair]` lists), tokenised with its tokenizer."""
+    text_pair]` lists), tokenised with its tokenizer; an image student arrays or base64 PNG,
+    JPEG or WebP images (or data URLs), decoded and resized to its input."""
     response.headers.update(rate)
     try:
         return await _predict(principal.tenant_id, settings, job_id, body)
@@ -87,7 +88,7 @@ async def _predict(
         )
         inputs = model.tokenize(texts, pairs)
     else:
-        batch = service.parse_inputs(body.inputs, model.signature, settings.max_predict_batch)
+        batch = await service.parse_batch(body.inputs, model.signature, settings.max_predict_batch)
         inputs = {model.signature.inputs[0].name: batch}
     version = service.DEFAULT_VERSION
     logits = await get_serving_engine().infer(

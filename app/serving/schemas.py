@@ -6,7 +6,9 @@ from pydantic import BaseModel, Field
 class PredictRequest(BaseModel):
     inputs: list[Any] = Field(
         description="A batch of samples, each shaped like the student's input signature; for "
-        'a text student, strings (or `["text", "text pair"]` lists for sentence pairs).',
+        'a text student, strings (or `["text", "text pair"]` lists for sentence pairs); for an '
+        "image student, arrays or encoded images (base64 PNG, JPEG or WebP, or a "
+        "`data:image/png;base64,...` URL), mixed as you like, decoded and resized to its input.",
         min_length=1,
     )
 

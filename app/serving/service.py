@@ -1,10 +1,16 @@
 """Finding a served student (by job id or alias, and version) and checking its inputs."""
 
+import base64
+import binascii
+import io
+import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import anyio
 import numpy as np
@@ -12,12 +18,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.datasets.images import ImageRefused, decode_image, probe_image
 from app.db import session_scope
 from app.dependencies import database_slot
 from app.errors import ArtifactsExpired, Conflict, InvalidInput, JobNotReady, NotFound
 from app.jobs.service import get_job
 from app.ml.artifacts import Manifest, read_manifest
-from app.ml.signature import ModelSignature, TextPreprocessing
+from app.ml.signature import ImagePreprocessing, ModelSignature, TextPreprocessing
 from app.ml.text import TextTokenizer, text_records_signature
 from app.models import Artifact, ArtifactFormat, Job, JobStatus
 from app.storage import ArtifactStore, get_store
@@ -29,9 +36,14 @@ ALIAS_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # The longest text `/predict` and `/v2` take, in characters (longer: a 4xx).
 MAX_TEXT_CHARS = 100_000
+# Pixels (width x height, as their headers declare them) the encoded images of one `/predict` or
+# `/v2` request may hold in all, checked before any is decoded: about a second of decoding. Each
+# image is also within the uploads' limit (`MAX_IMAGE_PIXELS`).
+MAX_REQUEST_PIXELS = 100_000_000
 # A name is looked up in the database at most this often per process (a serving process that
 # did not change an alias sees the change this late); aliases changed here are seen at once.
 RESOLVE_TTL_S = 1.0
+_T = TypeVar("_T")
 
 
 def get_artifact(
@@ -278,19 +290,41 @@ def parse_texts(
 
 
 def parse_inputs(inputs: list[object], signature: ModelSignature, max_batch: int) -> np.ndarray:
-    """The JSON batch as float32, checked against the student's input signature."""
+    """The JSON batch as float32, checked against the student's input signature. An image
+    student's samples may also be encoded images (``decode_images``), mixed with arrays.
+
+    Raises:
+        InvalidInput: more than ``max_batch`` samples, a sample of the wrong shape, NaN or
+            infinite values, a string for a student that takes arrays only, or an image refused
+            (``field`` names the sample: ``inputs.3``).
+    """
     expected = list(signature.input_shape)
     if len(inputs) > max_batch:
         raise InvalidInput(
             f"At most {max_batch} samples per request; got {len(inputs)}.", field="inputs"
         )
-    try:
-        batch = np.asarray(inputs, dtype=np.float32)
-    except (ValueError, TypeError) as e:
+    encoded = {i: item for i, item in enumerate(inputs) if isinstance(item, str)}
+    if encoded and not isinstance(signature.preprocessing, ImagePreprocessing):
+        first = next(iter(encoded))
         raise InvalidInput(
-            f"`inputs` must be a rectangular array of numbers shaped [batch, *{expected}].",
-            field="inputs",
-        ) from e
+            f"Sample {first} is a string, but this student takes arrays: send each sample as "
+            f"numbers shaped {expected} (encoded images are for students of image datasets).",
+            field=f"inputs.{first}",
+        )
+    if encoded:  # the arrays are checked first: they are cheap
+        samples = {
+            i: _sample(item, expected, i) for i, item in enumerate(inputs) if i not in encoded
+        }
+        samples |= decode_images(encoded, signature)
+        batch = np.stack([samples[i] for i in range(len(inputs))])
+    else:
+        try:
+            batch = np.asarray(inputs, dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise InvalidInput(
+                f"`inputs` must be a rectangular array of numbers shaped [batch, *{expected}].",
+                field="inputs",
+            ) from e
     if list(batch.shape[1:]) != expected:
         raise InvalidInput(
             f"Each sample must be shaped {expected}; got {list(batch.shape[1:])}.",
@@ -300,3 +334,139 @@ def parse_inputs(inputs: list[object], signature: ModelSignature, max_batch: int
     if not np.isfinite(batch).all():
         raise InvalidInput("`inputs` contains NaN or infinite values.", field="inputs")
     return batch
+
+
+async def parse_batch(
+    inputs: list[object], signature: ModelSignature, max_batch: int
+) -> np.ndarray:
+    """``parse_inputs`` from the event loop: on a worker thread when the batch holds encoded
+    images (decoding them is CPU work)."""
+    if any(isinstance(item, str) for item in inputs):
+        return await anyio.to_thread.run_sync(parse_inputs, inputs, signature, max_batch)
+    return parse_inputs(inputs, signature, max_batch)
+
+
+def _sample(item: object, expected: list[int], index: int) -> np.ndarray:
+    """One array sample of a batch that mixes arrays and encoded images."""
+    try:
+        array = np.asarray(item, dtype=np.float32)
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(
+            f"Sample {index} must be a rectangular array of numbers shaped {expected}, or an "
+            "encoded image.",
+            field=f"inputs.{index}",
+        ) from e
+    if list(array.shape) != expected:
+        raise InvalidInput(
+            f"Sample {index} must be shaped {expected}; got {list(array.shape)}.",
+            field=f"inputs.{index}",
+            expected_shape=expected,
+        )
+    return array
+
+
+def decode_images(
+    encoded: dict[int, str], signature: ModelSignature, field: str = "inputs"
+) -> dict[int, np.ndarray]:
+    """Encoded images, by their index in the batch, as an image student takes them: float32
+    ``[C, H, W]``, made as its dataset's samples were.
+
+    Each is base64 (standard alphabet; whitespace ignored), or a data URL
+    (``data:image/png;base64,...``), of a PNG, JPEG or WebP told by its content. Every header
+    is read first (``probe_image``: the pixel limit per image, ``MAX_REQUEST_PIXELS`` in all);
+    then each is decoded as uploads are (``decode_image``: RGB, transparency on white; grey
+    for ``L``; resized bicubic to the student's size), put in the signature's channel order and
+    made its stored form (``stored_pixels``).
+
+    Raises:
+        InvalidInput: 422 naming the sample (``field``.index): ``invalid_base64``,
+            ``not_an_image``, ``corrupt_image``, ``image_too_large``; ``too_many_pixels`` for
+            the request; ``invalid_input`` for a student whose input is not an image.
+    """
+    preprocessing = signature.preprocessing
+    assert isinstance(preprocessing, ImagePreprocessing)
+    shape = list(signature.input_shape)
+    channels = 1 if preprocessing.channel_order == "L" else 3
+    if len(shape) != 3 or shape[0] != channels:
+        raise InvalidInput(
+            f"This student takes {shape}, not {preprocessing.channel_order} images [{channels}, "
+            "H, W]: send its samples as arrays.",
+            field=field,
+        )
+    size = (shape[2], shape[1])
+    files = {i: _base64(text, f"{field}.{i}") for i, text in encoded.items()}
+    total = 0
+    for i, data in files.items():
+        width, height = _read(probe_image, data, f"{field}.{i}")
+        total += width * height
+        if total > MAX_REQUEST_PIXELS:
+            raise InvalidInput(
+                f"The images of one request may hold {MAX_REQUEST_PIXELS:,} pixels in all; "
+                f"those up to `{field}.{i}` hold {total:,}. Send smaller images, or fewer per "
+                "request.",
+                code="too_many_pixels",
+                field=f"{field}.{i}",
+            )
+    mode: Literal["RGB", "L"] = "L" if preprocessing.channel_order == "L" else "RGB"
+    images = {}
+    for i, data in files.items():
+        pixels = _read(lambda f: decode_image(f, size, mode), data, f"{field}.{i}")
+        images[i] = stored_pixels(pixels, preprocessing)
+    return images
+
+
+def stored_pixels(pixels: np.ndarray, preprocessing: ImagePreprocessing) -> np.ndarray:
+    """8-bit pixels (``[H, W, 3]`` RGB or ``[H, W]`` grey) as the student's dataset stores its
+    samples: float32 ``[C, H, W]`` in its channel order, ``(pixel * scale - mean) / std``.
+
+    Where the scale is 1/M for a whole M of at least 2, the dataset's pixels (0 to M: builtin
+    digits 16, Fashion-MNIST 255) were scaled into [0, 1], and an 8-bit pixel is scaled by
+    1/255 so that white is 1.0 there too; otherwise pixels are 8-bit as they are (an archive's:
+    scale 1.0, values 0 to 255).
+    """
+    x = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    if preprocessing.channel_order == "BGR":
+        x = x[::-1]
+    values = x.astype(np.float32)
+    maximum = 1.0 / preprocessing.scale
+    if round(maximum) >= 2 and math.isclose(maximum, round(maximum), rel_tol=1e-6):
+        values /= np.float32(255)
+    else:
+        values *= np.float32(preprocessing.scale)
+    channel = (-1, 1, 1)
+    if preprocessing.mean is not None:
+        values -= np.asarray(preprocessing.mean, np.float32).reshape(channel)
+    if preprocessing.std is not None:
+        values /= np.asarray(preprocessing.std, np.float32).reshape(channel)
+    return values
+
+
+def _base64(text: str, field: str) -> bytes:
+    """The bytes of a base64 string or ``data:...;base64,`` URL."""
+    payload = text
+    if text[:5].lower() == "data:":
+        header, comma, payload = text.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise InvalidInput(
+                f"`{field}` is a data URL without base64 data: send "
+                "`data:image/png;base64,<data>`.",
+                code="invalid_base64",
+                field=field,
+            )
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidInput(
+            f"`{field}` is a string but not a base64-encoded image (nor a data URL): send an "
+            "array of numbers, or a PNG, JPEG or WebP in base64.",
+            code="invalid_base64",
+            field=field,
+        ) from e
+
+
+def _read(read: Callable[[io.BytesIO], _T], data: bytes, field: str) -> _T:
+    """``read`` applied to an image's bytes; its refusal as a 422 naming ``field``."""
+    try:
+        return read(io.BytesIO(data))
+    except ImageRefused as e:
+        raise InvalidInput(e.message(f"`{field}`"), code=e.code, field=field) from e

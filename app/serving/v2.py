@@ -2,7 +2,9 @@
 HTTP/REST API): health, server and model metadata, model readiness and inference.
 
 A model's name is its job's id or alias; its versions are ``1`` (the ONNX student) and ``int8``
-(its int8 quantisation, when the job has one). Errors are the protocol's ``{"error": "..."}``
+(its int8 quantisation, when the job has one). An image student's input may also come as a
+``BYTES`` tensor ``[N]`` or ``[N, 1]`` of encoded images (base64 PNG, JPEG or WebP, or data URLs),
+decoded as ``/predict`` decodes them. Errors are the protocol's ``{"error": "..."}``
 with status 400 (a bad request) or 404 (an unknown model or version), never problem+json.
 """
 
@@ -11,6 +13,7 @@ import math
 from importlib import metadata
 from typing import Annotated, Any
 
+import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,8 +23,8 @@ from sqlalchemy import text
 from app.auth import PrincipalDep
 from app.config import MIB, Settings, get_settings
 from app.db import get_engine
-from app.errors import AppError
-from app.ml.signature import Datatype, ModelSignature
+from app.errors import AppError, InvalidInput
+from app.ml.signature import Datatype, ImagePreprocessing, ModelSignature
 from app.ml.text import TEXT, TEXT_PAIR
 from app.quotas import PredictRate
 from app.serving import service
@@ -203,7 +206,12 @@ def check_inputs(
                 400,
                 f"Input '{name}' is BYTES, but this model takes {spec.datatype} tensors shaped "
                 f"{_metadata_shape(list(spec.shape))}: send numbers with datatype "
-                f"{spec.datatype}.",
+                f"{spec.datatype}"
+                + (
+                    " (or encoded images: BYTES shaped [N] or [N, 1])."
+                    if isinstance(signature.preprocessing, ImagePreprocessing)
+                    else "."
+                ),
             )
         if str(array.dtype) != np.dtype(NUMPY_TYPES[str(spec.datatype)]).name:
             got = next(k for k, v in NUMPY_TYPES.items() if np.dtype(v) == array.dtype)
@@ -237,6 +245,36 @@ def _tokenize(model: service.ServedModel, texts: dict[str, np.ndarray]) -> dict[
     if any(len(t) > service.MAX_TEXT_CHARS for values in decoded.values() for t in values):
         raise ProtocolError(400, f"A text is longer than {service.MAX_TEXT_CHARS} characters.")
     return model.tokenize(decoded[TEXT], decoded.get(TEXT_PAIR))
+
+
+async def _decode_images(
+    model: service.ServedModel, tensors: dict[str, np.ndarray], max_batch: int
+) -> dict[str, np.ndarray]:
+    """An image student's input sent as a BYTES tensor of encoded images (``[N]`` or
+    ``[N, 1]``), decoded on a worker thread (``service.decode_images``); other tensors as they
+    are."""
+    signature = model.signature
+    if not isinstance(signature.preprocessing, ImagePreprocessing) or len(signature.inputs) != 1:
+        return tensors
+    name = signature.inputs[0].name
+    array = tensors.get(name)
+    if (
+        array is None
+        or array.dtype != np.object_
+        or array.ndim not in (1, 2)
+        or (array.ndim == 2 and array.shape[1] != 1)
+    ):
+        return tensors  # not encoded images: `check_inputs` says what it takes
+    if not 1 <= len(array) <= max_batch:
+        raise ProtocolError(
+            400, f"Input '{name}' has batch size {len(array)}; it must be 1 to {max_batch}."
+        )
+    encoded = {i: value.decode() for i, value in enumerate(array.reshape(-1))}
+    try:
+        images = await anyio.to_thread.run_sync(service.decode_images, encoded, signature, name)
+    except InvalidInput as e:
+        raise ProtocolError(400, f"Input '{name}': {e.detail}") from e
+    return tensors | {name: np.stack([images[i] for i in range(len(encoded))])}
 
 
 async def _served(
@@ -347,6 +385,7 @@ async def _infer(
             if tensor.name in tensors:
                 raise ProtocolError(400, f"Input '{tensor.name}' is given twice.")
             tensors[tensor.name] = parse_tensor(tensor)
+        tensors = await _decode_images(model, tensors, settings.max_predict_batch)
         inputs = check_inputs(tensors, model.request_signature, settings.max_predict_batch)
         if model.tokenizer is not None:
             inputs = _tokenize(model, inputs)
