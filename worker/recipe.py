@@ -38,7 +38,14 @@ from app.ml.artifacts import FILENAMES
 from app.ml.hooks import FeatureTap, TransformerTap, transformer_outputs
 from app.ml.layers import feature_layers, transformer_layers
 from app.ml.onnx_io import onnx_latency_ms
-from app.ml.signature import ModelSignature, SignatureMismatch, TextPreprocessing, check_compatible
+from app.ml.signature import (
+    AnyPreprocessing,
+    ImagePreprocessing,
+    ModelSignature,
+    SignatureMismatch,
+    TextPreprocessing,
+    check_compatible,
+)
 from app.ml.students import (
     architecture_of,
     build_student,
@@ -51,6 +58,7 @@ from app.ml.teacher_formats.base import ModelInputs
 from app.ml.teacher_formats.huggingface import HuggingFaceTeacher
 from app.ml.text import LATENCY_TOKENS, TokenizedInputs, is_text
 from app.models import ArtifactFormat, JobPhase
+from worker.augment import Augmenter, Mix
 from worker.checkpoints import load_checkpoint, save_checkpoint
 from worker.evaluation import accuracy, logit_metrics, per_class_accuracy
 from worker.export import write_manifest, write_student
@@ -206,6 +214,49 @@ def model_inputs(batch: Batch) -> ModelInputs:
     )
 
 
+class OnlineTeacher:
+    """The job's teachers run on every augmented training batch (inference mode), their logits
+    mixed into one teacher's as the cached ones are: ``teacher(x)`` takes the student's inputs
+    ``[B, ...]`` on the training device and gives the logits ``[B, classes]`` there.
+
+    The inputs are mapped to each teacher's as ``app.jobs.preflight.teacher_inputs`` maps stored
+    data (its declared image scale and normalisation). Every backend takes float32 numpy arrays
+    (onnxruntime; a torch teacher moves them to its own device), so each call copies the batch
+    to the host and the logits back: a sync per step, small beside the teacher's forward pass.
+    ``calls`` and ``seconds`` count the passes and the time spent in them.
+    """
+
+    def __init__(
+        self,
+        teachers: list[TeacherRecord],
+        backends: list[TeacherBackend],
+        data_preprocessing: AnyPreprocessing,
+        weights: list[float],
+        temperature: float,
+    ) -> None:
+        self.teachers, self.backends = teachers, backends
+        self.data_preprocessing = data_preprocessing
+        self.weights, self.temperature = weights, temperature
+        self.calls, self.seconds = 0, 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        stored = x.detach().float().cpu().numpy()
+        per_teacher = []
+        for record, backend in zip(self.teachers, self.backends, strict=True):
+            fed = teacher_inputs(stored, self.data_preprocessing, backend.signature.preprocessing)
+            with torch.inference_mode():
+                logits = backend.logits(fed)
+            refuse_non_finite(logits, record.id, "augmented training samples")
+            per_teacher.append(logits)
+        mixed = ensemble_logits(per_teacher, self.weights, self.temperature)
+        # Made outside inference mode: the loss saves the teacher's logits for its backward.
+        out = torch.from_numpy(np.ascontiguousarray(mixed)).to(x.device)
+        self.calls += 1
+        self.seconds += time.perf_counter() - started
+        return out
+
+
 class DistillationRecipe:
     """One distillation, phase by phase; ``run`` does them all in order."""
 
@@ -232,6 +283,7 @@ class DistillationRecipe:
         self.per_teacher: list[dict[str, np.ndarray]] = []
         self.cache_hits: list[bool] = []
         self.truncated = 0
+        self.online_teacher: OnlineTeacher | None = None
 
     def run(self) -> RecipeOutput:
         self.events.phase(JobPhase.VALIDATING)
@@ -448,6 +500,60 @@ class DistillationRecipe:
         student_names = [p.student for p in method.layers]
         return loss_fn, TransformerTap(student, student_names, names), teacher_features
 
+    def augment_step(self) -> Callable[[Batch, int], tuple[Batch, Mix | None]] | None:
+        """With ``training.augmentation``: what the loop does to each training batch, augment
+        its images (``worker.augment``) and run the teacher on them (``OnlineTeacher``), since
+        cached logits describe the stored images only. None without augmentation: the teacher's
+        outputs on the stored training inputs, computed once, are used (``cached``).
+
+        Throughput: online teaching costs a teacher forward pass per training step (and a copy
+        of the batch to the host and back), on top of the student's forward and backward.
+
+        Raises:
+            JobFailure: ``augmentation_unsupported``, a feature method or non-image inputs
+                (refused at submission; a job stored before that check).
+        """
+        config = self.spec.training.augmentation
+        if config is None:
+            return None
+        x = self.train_split.inputs
+        if (
+            isinstance(self.spec.distillation, FeatureMethod)
+            or len(x) != 1
+            or self.train_split.x.ndim != 4
+        ):
+            raise JobFailure(
+                "augmentation_unsupported",
+                "Augmentation takes image inputs [C, H, W] and a logit method (e.g. `kd`).",
+            )
+        stored = self.data.x_train
+        assert isinstance(stored, np.ndarray)
+        preprocessing = self.data.preprocessing
+        augmenter = Augmenter(
+            config,
+            self.spec.training.seed,
+            value_range=(float(stored.min()), float(stored.max())),
+            channel_order=preprocessing.channel_order
+            if isinstance(preprocessing, ImagePreprocessing)
+            else "RGB",
+        )
+        teacher = OnlineTeacher(
+            self.inputs.teachers,
+            self.backends,
+            preprocessing,
+            self.weights,
+            self.spec.distillation.teacher_temperature,
+        )
+        self.online_teacher = teacher
+        (name,) = x  # the one input the teacher and the student take
+
+        def step(batch: Batch, global_step: int) -> tuple[Batch, Mix | None]:
+            x, mix = augmenter(batch.x, batch.labels, global_step)
+            augmented = dataclasses.replace(batch, inputs={name: x}, teacher_logits=teacher(x))
+            return augmented, mix
+
+        return step
+
     def train(self) -> LoopOutcome:
         """Build the student and its loss, then run the loop (resuming from the checkpoint)."""
         self.student = self.build_student()
@@ -460,6 +566,7 @@ class DistillationRecipe:
             loss_fn, tap = self._feature_loss(method, self.student)
         else:
             loss_fn = build_loss(method)
+        augment = self.augment_step()
         checkpoint = self.inputs.checkpoint
         resume = None if checkpoint is None else load_checkpoint(checkpoint)
         self.resumed_from_epoch = None if resume is None else resume.epoch
@@ -477,6 +584,7 @@ class DistillationRecipe:
             autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
             student_tap=tap,
             teacher_tap=teacher_tap,
+            augment=augment,
         )
         if tap is not None:
             tap.remove()  # evaluation and export see the plain student
@@ -543,6 +651,10 @@ class DistillationRecipe:
             early_stopped=outcome.early_stopped,
             resumed_from_epoch=self.resumed_from_epoch,
             teacher_outputs_cached=all(self.cache_hits),
+            teacher_outputs="cached" if self.online_teacher is None else "online",
+            online_teacher_seconds=None
+            if self.online_teacher is None
+            else self.online_teacher.seconds,
             teacher_fixed_batch=next((b.fixed_batch for b in self.backends if b.fixed_batch), None),
             label_free=self.inputs.data.y_train is None,
             train_samples=len(self.train_split),

@@ -1,13 +1,102 @@
 """The job spec users send, stored on the job row and validated again by the worker."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.jobs.methods import DistillationMethod, KnowledgeDistillation
+from app.errors import InvalidSpec
+from app.jobs.methods import DistillationMethod, FeatureMethod, KnowledgeDistillation
 from app.jobs.preflight import Finding, PreflightReport
+from app.ml.signature import ImagePreprocessing, ModelSignature
 from app.ml.students import StudentSpec
+from app.ml.students.base import one_float_tensor
+
+
+def _interval(value: tuple[float, float], name: str) -> tuple[float, float]:
+    low, high = value
+    if low > high:
+        raise ValueError(f"{name} is [min, max]: min {low} is above max {high}")
+    return value
+
+
+class RandomResizedCrop(BaseModel):
+    """A random box of ``scale`` of the image's area and aspect ratio (width / height) in
+    ``ratio`` (log-uniform), resized back to the input size (bilinear), as torchvision's
+    ``RandomResizedCrop`` (Szegedy et al. 2015)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    scale: tuple[
+        Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]
+    ] = Field(default=(0.5, 1.0), description="[min, max] fraction of the image's area.")
+    ratio: tuple[
+        Annotated[float, Field(gt=0.0, le=10.0)], Annotated[float, Field(gt=0.0, le=10.0)]
+    ] = Field(default=(3 / 4, 4 / 3), description="[min, max] aspect ratio (width / height).")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _interval(value, "scale")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _interval(value, "ratio")
+
+
+class ColorJitter(BaseModel):
+    """Brightness, contrast and saturation factors drawn per image uniformly from
+    ``[1 - x, 1 + x]``, as torchvision's ``ColorJitter`` (0: unchanged)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    brightness: float = Field(default=0.0, ge=0.0, le=1.0)
+    contrast: float = Field(default=0.0, ge=0.0, le=1.0)
+    saturation: float = Field(default=0.0, ge=0.0, le=1.0, description="RGB images only.")
+
+
+class Mixup(BaseModel):
+    """Zhang et al. 2018: ``lam * x + (1 - lam) * x[perm]``, ``lam ~ Beta(alpha, alpha)``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    alpha: float = Field(default=0.2, gt=0.0, le=100.0)
+
+
+class CutMix(BaseModel):
+    """Yun et al. 2019: a box of ``x[perm]`` pasted over ``x``, of area ``1 - lam`` of the image,
+    ``lam ~ Beta(alpha, alpha)``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    alpha: float = Field(default=1.0, gt=0.0, le=100.0)
+
+
+class Augmentation(BaseModel):
+    """Training augmentation of image inputs ``[C, H, W]``, in this order: crop, flip, colour
+    jitter, then mixup or cutmix across the batch. The teacher then runs on every augmented
+    batch (online) instead of its outputs being computed once."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    random_resized_crop: RandomResizedCrop | None = None
+    horizontal_flip: bool = Field(default=False, description="Mirror half the images (p = 0.5).")
+    color_jitter: ColorJitter | None = None
+    mixup: Mixup | None = None
+    cutmix: CutMix | None = None
+
+    @model_validator(mode="after")
+    def _one_mix_and_something_to_do(self) -> "Augmentation":
+        if self.mixup is not None and self.cutmix is not None:
+            raise ValueError("give `mixup` or `cutmix`, not both")
+        if not (
+            self.random_resized_crop
+            or self.horizontal_flip
+            or self.color_jitter
+            or self.mixup
+            or self.cutmix
+        ):
+            raise ValueError(
+                "names no augmentation: set `random_resized_crop`, `horizontal_flip`, "
+                "`color_jitter`, `mixup` or `cutmix` (or leave `augmentation` out)"
+            )
+        return self
 
 
 class Training(BaseModel):
@@ -34,6 +123,11 @@ class Training(BaseModel):
         default=False,
         description="Train through `torch.compile(student)`: fused kernels, mainly for large "
         "students on CUDA; the first epoch pays for the compilation.",
+    )
+    augmentation: Augmentation | None = Field(
+        default=None,
+        description="Augment image training batches; the teacher then runs on every augmented "
+        "batch (`result.teacher_outputs` `online`), which costs a teacher pass per step.",
     )
 
 
@@ -79,6 +173,51 @@ class DistillationSpec(BaseModel):
         return [(t.id, t.weight / total) for t in self.teachers]
 
 
+def check_augmentation(spec: DistillationSpec, data: ModelSignature) -> None:
+    """Refuse augmentation the dataset or the method cannot take (at submission).
+
+    Raises:
+        InvalidSpec: on ``training.augmentation``: inputs that are not images ``[C, H, W]``,
+            colour jitter on images that are neither grey nor RGB (saturation: RGB only), or a
+            feature method (its teacher layers are computed once, on the stored images).
+    """
+    augmentation = spec.training.augmentation
+    if augmentation is None:
+        return
+    field = "training.augmentation"
+    reason = one_float_tensor(data, rank=3)
+    if reason is not None:
+        raise InvalidSpec(
+            f"Augmentation is for image inputs [C, H, W]; this dataset's {reason}. "
+            "Leave `training.augmentation` out for flat vectors and text.",
+            field=field,
+        )
+    channels = data.inputs[0].shape[0]
+    jitter = augmentation.color_jitter
+    grey = channels == 1 or (
+        isinstance(data.preprocessing, ImagePreprocessing)
+        and data.preprocessing.channel_order == "L"
+    )
+    if jitter is not None and channels not in (1, 3):
+        raise InvalidSpec(
+            f"`color_jitter` takes grey or RGB images; these have {channels} channels.",
+            field=f"{field}.color_jitter",
+        )
+    if jitter is not None and jitter.saturation > 0 and grey:
+        raise InvalidSpec(
+            "`color_jitter.saturation` changes colour images only; these images are grey. "
+            "Use `brightness` and `contrast`.",
+            field=f"{field}.color_jitter.saturation",
+        )
+    if isinstance(spec.distillation, FeatureMethod):
+        raise InvalidSpec(
+            f"`{spec.distillation.method}` matches teacher layers computed once on the stored "
+            "images; with augmentation they would describe other images. Use a logit method "
+            "(e.g. `kd`) with augmentation, or leave `training.augmentation` out.",
+            field=field,
+        )
+
+
 class TeacherScore(BaseModel):
     id: str
     weight: float = Field(description="Normalised ensemble weight (1 for a single teacher).")
@@ -113,6 +252,17 @@ class JobResult(BaseModel):
     early_stopped: bool = False
     resumed_from_epoch: int | None = None
     teacher_outputs_cached: bool = False
+    teacher_outputs: Literal["cached", "online"] | None = Field(
+        default=None,
+        description="How training got the teacher's outputs: `cached` (computed once on the "
+        "stored training inputs) or `online` (the teacher ran on every augmented training "
+        "batch, one pass per step). Validation and test figures always use the once-computed "
+        "outputs on the stored inputs.",
+    )
+    online_teacher_seconds: float | None = Field(
+        default=None,
+        description="With `online` teacher outputs: the seconds training spent in teacher passes.",
+    )
     teacher_fixed_batch: int | None = Field(
         default=None,
         description="The batch size a teacher's graph fixes: it ran that many samples at a time, "

@@ -20,7 +20,7 @@ from app.jobs.features import (
 )
 from app.jobs.methods import FeatureMethod, TextFeatureMethod
 from app.jobs.preflight import PreflightReport, PreflightTeacher, run_preflight, settle_scores
-from app.jobs.schemas import DistillationSpec, JobOut
+from app.jobs.schemas import DistillationSpec, JobOut, check_augmentation
 from app.ml.layers import FeatureLayer, activation_bytes
 from app.ml.signature import (
     ModelSignature,
@@ -103,6 +103,7 @@ def validate_spec(
             f"A {spec.student.architecture} student cannot take these inputs: {reason}.",
             field="student.architecture",
         )
+    check_augmentation(spec, dataset.signature)
     try:  # what the student takes from its teacher's config
         spec.student = resolve_student(spec.student, teachers[0].architecture)
     except ValueError as e:

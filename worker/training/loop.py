@@ -16,7 +16,9 @@ from torch import nn
 from app.jobs.schemas import Training
 from app.ml.hooks import FeatureTap, TransformerTap
 from app.ml.text import ATTENTION_MASK
+from worker.augment import Mix
 from worker.evaluation import logit_metrics
+from worker.losses.mixed import mixed_label_loss
 
 # Length-grouped batches (text) are drawn from windows of this many batches of a random order,
 # sorted by length within each window: batches of similar lengths, still shuffled.
@@ -191,12 +193,18 @@ def train(
     autocast_dtype: torch.dtype | None = None,
     student_tap: FeatureTap | TransformerTap | None = None,
     teacher_tap: Callable[[Batch], list[torch.Tensor]] | None = None,
+    augment: Callable[[Batch, int], tuple[Batch, Mix | None]] | None = None,
 ) -> LoopOutcome:
     """Minimise ``loss_fn(student_logits, teacher_logits, labels)``; with a ``student_tap``
     (feature methods), ``loss_fn(..., student_features, teacher_features)`` (and, for text, the
     batch's attention mask), training the loss's own parameters (adapters) with the student.
     Teacher features come with the batch, or from ``teacher_tap`` run on every batch (text:
-    per-token outputs are too large to keep)."""
+    per-token outputs are too large to keep).
+
+    ``augment(batch, global_step)`` (logit methods) replaces each training batch by an augmented
+    one carrying the teacher's logits on it (online teaching: a teacher pass per step), and says
+    how mixup or cutmix mixed it, if they did: the loss then takes the mixed labels
+    (``mixed_label_loss``). Validation always sees the stored inputs."""
     device = train_split.labels.device
     parameters = [*student.parameters(), *loss_fn.parameters()]
     optimizer = make_optimizer(parameters, training)
@@ -248,6 +256,9 @@ def train(
             batch = train_split[
                 order[step * training.batch_size : (step + 1) * training.batch_size]
             ]
+            mix = None
+            if augment is not None:
+                batch, mix = augment(batch, global_step)
             with autocast:
                 if student_tap is None:
                     logits, features = forward(*batch.inputs.values()), None
@@ -261,7 +272,14 @@ def train(
                 inputs += [features, teacher_features]
                 if ATTENTION_MASK in batch.inputs:
                     inputs.append(batch.inputs[ATTENTION_MASK])
-            loss, terms = loss_fn(*inputs)
+            if mix is None:
+                loss, terms = loss_fn(*inputs)
+            else:
+                if features is not None:
+                    raise ValueError("mixed batches take logit methods only")
+                loss, terms = mixed_label_loss(
+                    loss_fn, logits, batch.teacher_logits, batch.labels, mix.labels, mix.lam
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if training.grad_clip_norm is not None:
