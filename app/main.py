@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
@@ -253,6 +254,12 @@ def create_app() -> FastAPI:
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
+def _routed(scope: Scope) -> bool:
+    """Whether a route takes this method at this path: one that does not is answered 404 or
+    405 by the router, as without a key (every route that takes a body needs one)."""
+    return any(route.matches(scope)[0] is Match.FULL for route in scope["app"].router.routes)
+
+
 class AuthenticateFirst:
     """Where keys are required, a request with a body is authenticated before its body is read:
     without a key (or with a bad one) a 64 MiB upload is a 401 at once, not after the API has
@@ -263,7 +270,7 @@ class AuthenticateFirst:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in _BODY_METHODS:
+        if scope["type"] == "http" and scope["method"] in _BODY_METHODS and _routed(scope):
             request = Request(scope)
             try:
                 principal = await principal_for(bearer_token(request.headers.get("authorization")))

@@ -132,7 +132,7 @@ def test_a_job_process_logs_its_job_id_on_every_line(
     body = job_body(teacher["id"], training={"epochs": 1, "batch_size": 64, "seed": 0})
     job_id = client.post("/v1/jobs", json=body).json()["id"]
     capfd.readouterr()
-    distill.run(job_id)
+    distill.run()  # the worker's turn: it claims the one queued job
     lines = json_lines(capfd.readouterr().err)
 
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
