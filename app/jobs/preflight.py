@@ -116,8 +116,9 @@ def teacher_inputs(
 
     A teacher that declares image preprocessing gets ``(pixel * scale - mean) / std`` per
     channel, computed from the dataset's pixels (its own preprocessing undone first, where the
-    two differ). Anything else is fed as stored. The student always takes the stored inputs:
-    its input standardisation absorbs any such affine map.
+    two differ), in its channel order (an RGB dataset's channels reversed for a BGR teacher).
+    Anything else is fed as stored. The student always takes the stored inputs: its input
+    standardisation absorbs any such affine map.
     """
     if not isinstance(teacher, ImagePreprocessing) or data == teacher:
         return x
@@ -125,6 +126,8 @@ def teacher_inputs(
     pixels = x
     if isinstance(data, ImagePreprocessing):
         pixels = _affine_inverse(x, data)
+        if {data.channel_order, teacher.channel_order} == {"RGB", "BGR"}:
+            pixels = pixels[:, ::-1]
     elif not isinstance(data, RawTensors):
         return x
     return _affine(pixels, teacher)

@@ -399,6 +399,17 @@ def test_teacher_inputs_undoes_the_data_preprocessing() -> None:
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_bgr_teacher_gets_an_rgb_datasets_channels_reversed() -> None:
+    # An archive's RGB pixels; the teacher (an OpenCV-trained convnet) takes BGR / 255 - mean.
+    x = np.array([[[[255.0]], [[51.0]], [[0.0]]]], np.float32)  # one red-ish pixel
+    data = ImagePreprocessing(scale=1.0, channel_order="RGB")
+    teacher = ImagePreprocessing(scale=1 / 255, mean=[0.1, 0.2, 0.3], channel_order="BGR")
+    result = teacher_inputs(x, data, teacher)
+    np.testing.assert_allclose(
+        result.reshape(3), [0.0 - 0.1, 0.2 - 0.2, 1.0 - 0.3], rtol=1e-6, atol=1e-6
+    )
+
+
 def test_teacher_inputs_undoes_the_data_mean_and_std() -> None:
     # Pixels [0, 255, 51, 153] stored as (p / 255 - 0.5) / 0.5; the teacher takes p / 255.
     x = np.array([[[[-1.0, 1.0], [-0.6, 0.2]]]], np.float32)
