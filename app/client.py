@@ -68,7 +68,13 @@ class DistillError(Exception):
     and ``field`` (the input to blame, when one is); ``problem`` is the whole body."""
 
     def __init__(
-        self, status: int, code: str, detail: str, field: str | None, problem: dict[str, Any]
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        field: str | None,
+        problem: dict[str, Any],
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(f"{detail} ({status} {code})")
         self.status = status
@@ -76,6 +82,7 @@ class DistillError(Exception):
         self.detail = detail
         self.field = field
         self.problem = problem
+        self.retry_after_s = retry_after_s  # a 429's (or 503's) Retry-After, in seconds
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> "DistillError":
@@ -88,12 +95,14 @@ class DistillError(Exception):
         if not isinstance(body, dict):
             body = {"detail": response.text or response.reason_phrase}
         field = body.get("field")
+        retry_after = response.headers.get("retry-after", "")
         return cls(
             status=response.status_code,
             code=str(body.get("code", f"http_{response.status_code}")),
             detail=str(body.get("detail", response.reason_phrase)),
             field=None if field is None else str(field),
             problem=body,
+            retry_after_s=float(retry_after) if retry_after.isdigit() else None,
         )
 
 

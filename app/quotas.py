@@ -78,7 +78,8 @@ def check_storage(
         return
     if adding_bytes > limit:
         raise PayloadTooLarge(
-            f"{adding_bytes} bytes are more than the tenant's whole storage quota "
+            f"{adding_bytes} bytes (the upload's stored form) are more than the tenant's "
+            "whole storage quota "
             f"(DISTILL_QUOTA_STORAGE_BYTES, {limit} bytes).",
             code="storage_quota",
             quota="storage_bytes",
@@ -88,7 +89,12 @@ def check_storage(
     if used + adding_bytes > limit or (adding_bytes == 0 and used >= limit):
         raise InsufficientStorage(
             f"The tenant stores {used} bytes of its {limit} (DISTILL_QUOTA_STORAGE_BYTES); "
-            f"this needs {adding_bytes or 'more'} bytes. Delete finished jobs, datasets or "
+            + (
+                f"this upload needs {adding_bytes} more (its stored form). "
+                if adding_bytes
+                else "a job's student needs room beyond that. "
+            )
+            + "Delete finished jobs, datasets or "
             "teachers, or empty the cache (DELETE /v1/cache); GET /v1/usage shows what is "
             "stored.",
             quota="storage_bytes",

@@ -374,7 +374,7 @@ class ImageRefused(Exception):
         likes: a member's path, a request's field)."""
         if self.code == "not_an_image":
             return (
-                f"The file {name} is {self.why}: images must be {_ALLOWED} (told by their "
+                f"{name} is {self.why}: images must be {_ALLOWED} (told by their "
                 "content, not their names)."
             )
         if self.code == "corrupt_image":

@@ -33,6 +33,7 @@ def upload_dataset(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    response: Response,
     file: Annotated[
         UploadFile,
         File(
@@ -119,6 +120,7 @@ def upload_dataset(
         max_bytes=settings.max_dataset_bytes,
         decoding_budget=decoding_budget(settings),
     )
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return idempotency.remember(service.uploaded_out(dataset, store))
 
 

@@ -25,6 +25,7 @@ def upload_teacher(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    response: Response,
     file: UploadFile | None = None,
     reference: Annotated[
         str | None,
@@ -93,6 +94,7 @@ def upload_teacher(
         )
     else:
         raise InvalidInput("Send either a teacher `file` or a `reference`.", field="file")
+    response.headers["Location"] = f"/v1/teachers/{teacher.id}"
     return idempotency.remember(TeacherOut.model_validate(teacher))
 
 

@@ -172,6 +172,9 @@ def test_a_dataset_upload_is_answered_again(client: TestClient) -> None:
     again = client.post("/v1/datasets", files={"file": ("d.npz", small_npz())}, headers=keyed("d"))
     assert (again.status_code, again.headers["idempotent-replayed"]) == (201, "true")
     assert again.json() == first.json()
+    location = f"/v1/datasets/{first.json()['ref']}"
+    assert first.headers["location"] == again.headers["location"] == location
+    assert client.get(location).status_code == 200
     uploaded = [d for d in client.get("/v1/datasets").json()["items"] if d["kind"] == "uploaded"]
     assert [d["ref"] for d in uploaded] == [first.json()["ref"]]
 

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 
+from app.client import DistillError
 from app.config import get_settings
 from tests.helpers.api import job_body, upload_teacher
 from tests.helpers.teachers import TeacherFiles
@@ -45,6 +46,7 @@ def test_queued_jobs_beyond_the_quota_are_429_until_one_leaves_the_queue(
     refused = client.post("/v1/jobs", json=body)
     assert_problem(refused, 429, "queued_jobs_quota", "queued_jobs", 2)
     assert int(refused.headers["Retry-After"]) > 0
+    assert DistillError.from_response(refused).retry_after_s == int(refused.headers["Retry-After"])
     assert client.get("/v1/jobs").json()["total"] == 2  # nothing was queued
     client.post(f"/v1/jobs/{first.json()['id']}/cancel")
     assert client.post("/v1/jobs", json=body).status_code == 202

@@ -22,6 +22,7 @@ def upload_teacher(
         response = client.post("/v1/teachers", files={"file": ("teacher.onnx", f)}, headers=headers)
     assert response.status_code == 201, response.text
     body: dict[str, object] = response.json()
+    assert response.headers["location"] == f"/v1/teachers/{body['id']}"
     return body
 
 

@@ -41,7 +41,8 @@ EXPORT_HELP = (
     "`torch.onnx.export(model.eval(), (example_batch,), 'teacher.onnx', input_names=['input'], "
     "output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},), "
     "external_data=False)`, or, for an "
-    "`mlp` or `cnn` architecture, to safetensors with "
+    "architecture Distill builds (a student family: `mlp`, `cnn`, `resnet`, `mobilenet_v2`...), "
+    "to safetensors with "
     "`safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors')` uploaded with a "
     "`config` describing the architecture."
 )
