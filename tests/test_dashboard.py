@@ -207,10 +207,10 @@ def test_dashboard_follows_a_job_live(
     browser: Chrome,
     tmp_path: Path,
 ) -> None:
-    start_worker()
     teacher = upload_teacher(client, digits_teacher)
-    # Batches of 8: about 1 s an epoch here. With 32 the 8 epochs took 2.2 s on CI, too quick
-    # for a page whose stream reads the job every 0.5 s to catch it running.
+    # Batches of 8: about 1 s an epoch here. The worker starts only once the job's page is open
+    # (the job waits queued till then): started first, it once ran all 8 epochs before the
+    # page had loaded, on a loaded CI machine.
     body = job_body(
         teacher["id"], training={"epochs": EPOCHS, "batch_size": 8, "learning_rate": 0.01}
     )
@@ -227,6 +227,15 @@ def test_dashboard_follows_a_job_live(
         shutil.copyfile(tmp_path / "jobs.png", JOBS_SCREENSHOT_COPY)
         link.click()  # type: ignore[attr-defined]
         assert browser.current_url.endswith(f"/ui/jobs/{job_id}")
+        wait_until(
+            browser,
+            "the queued job's page, streaming",
+            lambda d: d.execute_script(
+                "return document.body.dataset.status === 'queued' "
+                "&& document.body.dataset.stream === 'open'"
+            ),
+        )
+        start_worker()
 
         # Live: the loss curve has two epochs, then more, while the job runs.
         wait_until(browser, "two epochs on the loss curve", lambda d: points(d) >= 2)
